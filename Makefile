@@ -1,0 +1,38 @@
+# Two commands a user needs: `make train` and `make test`. Both set up .venv by themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export WANDB_MODE ?= offline
+
+.PHONY: setup train test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+# torch first (keeps the local CPU build, or the cluster's CUDA build); DeepSpeed is source-only and
+# must build against that torch, so no build isolation and no JIT ops at install time.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q einops hjson msgpack ninja numpy packaging psutil py-cpuinfo "pydantic>=2" tqdm
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(PY) -m trainer.pretrain $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not distributed" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check trainer kernels data_pipeline launch tests
+
+clean:
+	rm -rf $(VENV) outputs runs data/prepared

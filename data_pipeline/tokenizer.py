@@ -1,0 +1,57 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`): every byte sequence round-trips exactly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+logger = logging.getLogger(__name__)
+
+EOT_TOKEN = "<|endoftext|>"
+
+
+def _finish(tok: Tokenizer) -> Tokenizer:
+    # A document that happens to contain the literal "<|endoftext|>" must stay text, not become the
+    # separator: otherwise packing would see a false document boundary and decode(encode(x)) != x.
+    tok.encode_special_tokens = True
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with `<|endoftext|>` as its only special token."""
+    tok = Tokenizer(models.BPE())
+    # No prefix space: it would add a byte that decoding cannot tell from the text's own.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        # All 256 byte symbols from the start, so bytes unseen in training still encode.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=length)
+    if tok.get_vocab_size() < vocab_size:
+        logger.warning("corpus too small for vocab_size=%d: got %d tokens", vocab_size, tok.get_vocab_size())
+    return _finish(tok)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; it must define `<|endoftext|>`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+    tok = Tokenizer.from_file(str(path))
+    eot_id(tok)
+    return _finish(tok)
+
+
+def eot_id(tok: Tokenizer) -> int:
+    """Id of the end-of-text token that separates packed documents."""
+    idx = tok.token_to_id(EOT_TOKEN)
+    if idx is None:
+        raise ValueError(f"tokenizer has no {EOT_TOKEN!r} token")
+    return idx

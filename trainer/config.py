@@ -1,0 +1,300 @@
+"""Typed configuration: the dataclasses Hydra composes and validates before any process starts.
+
+YAML under `conf/` selects presets and overrides fields; these dataclasses are the source of truth for
+names, types and allowed values. Each `__post_init__` raises `ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _require(ok: bool, key: str, problem: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {problem}")
+
+
+def _require_choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(map(str, choices))}", value)
+
+
+@dataclass
+class ModelConfig:
+    """GPT shape. Presets live in conf/model/."""
+
+    name: str = "tiny"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    # Maximum context length (size of the learned position table).
+    block_size: int = 256
+    # None: taken from the tokenizer, padded up to `pad_vocab_to_multiple` (x tp) for fast matmuls.
+    vocab_size: int | None = None
+    pad_vocab_to_multiple: int = 64
+    # MLP width; None means 4 * n_embd.
+    ffn_hidden_size: int | None = None
+    bias: bool = True
+    layernorm_eps: float = 1e-5
+    # Dropout on the embedding and residual outputs (replicated tensors); 0 for pretraining.
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_to_multiple"):
+            _require(getattr(self, key) > 0, f"model.{key}", "must be positive", getattr(self, key))
+        _require(
+            self.n_embd % self.n_head == 0,
+            "model.n_head",
+            f"must divide model.n_embd={self.n_embd}",
+            self.n_head,
+        )
+        if self.vocab_size is not None:
+            _require(self.vocab_size > 0, "model.vocab_size", "must be positive", self.vocab_size)
+        if self.ffn_hidden_size is not None:
+            _require(self.ffn_hidden_size > 0, "model.ffn_hidden_size", "must be positive", self.ffn_hidden_size)
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _require(self.layernorm_eps > 0, "model.layernorm_eps", "must be positive", self.layernorm_eps)
+        _require(self.init_std > 0, "model.init_std", "must be positive", self.init_std)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.n_embd
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation of each fused op the model calls (see kernels/)."""
+
+    # auto: the fastest available on the device; torch_sdpa: F.scaled_dot_product_attention;
+    # reference: explicit softmax(QK^T)V in torch.
+    attention: str = "auto"
+    # auto / torch: F.layer_norm; reference: the explicit mean/variance formula in torch.
+    layernorm: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require_choice("kernels.attention", self.attention, ("auto", "torch_sdpa", "reference"))
+        _require_choice("kernels.layernorm", self.layernorm, ("auto", "torch", "reference"))
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: world size = tp * pp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "dp"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1", getattr(self, key))
+        _require_choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _require(
+            not (self.pp > 1 and self.zero_stage >= 2),
+            "parallel.zero_stage",
+            f"DeepSpeed's pipeline engine supports ZeRO 0 or 1 only (parallel.pp={self.pp})",
+            self.zero_stage,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, linear warmup then decay to min_lr."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    # cosine | linear | constant (after warmup)
+    decay: str = "cosine"
+    # Global gradient-norm clipping threshold; 0 disables it.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be positive", self.lr)
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]", self.min_lr)
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
+        _require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
+        _require(self.eps > 0, "optim.eps", "must be positive", self.eps)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _require_choice("optim.decay", self.decay, ("cosine", "linear", "constant"))
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0", self.grad_clip)
+
+
+@dataclass
+class TrainConfig:
+    """The step loop: batch shape, length, evaluation, checkpoints, precision, device."""
+
+    max_steps: int = 600
+    # Stop this process after this many steps (with a checkpoint); the LR schedule still spans max_steps.
+    exit_after_steps: int | None = None
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    # Training sequence length; None means model.block_size.
+    seq_len: int | None = None
+    eval_interval: int = 100
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 200
+    keep_last_checkpoints: int = 2
+    # auto: continue from the latest checkpoint in run_dir if there is one; never: start fresh
+    # (refused if run_dir already holds checkpoints); or a path to one checkpoint directory.
+    resume: str = "auto"
+    run_name: str = "default"
+    run_dir: str = "runs/default"
+    seed: int = 1337
+    # auto: bf16 autocast on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    # auto: cuda when available, else cpu.
+    device: str = "auto"
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
+            _require(getattr(self, key) > 0, f"train.{key}", "must be positive", getattr(self, key))
+        for key in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)", getattr(self, key))
+        if self.exit_after_steps is not None:
+            _require(self.exit_after_steps > 0, "train.exit_after_steps", "must be positive", self.exit_after_steps)
+        if self.seq_len is not None:
+            _require(self.seq_len > 0, "train.seq_len", "must be positive", self.seq_len)
+        _require(bool(self.resume), "train.resume", "must be auto, never or a checkpoint path", self.resume)
+        _require_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _require_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: a JSONL file per run always, W&B optionally."""
+
+    wandb: bool = True
+    wandb_project: str = "hydragpt"
+    wandb_entity: str | None = None
+    # offline keeps everything in a local run directory; `wandb sync` uploads it later.
+    wandb_mode: str = "offline"
+    jsonl: bool = True
+
+    def __post_init__(self) -> None:
+        _require_choice("logging.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class ClusterConfig:
+    """How processes are started. `local` runs on this machine."""
+
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.nodes >= 1, "cluster.nodes", "must be >= 1", self.nodes)
+        _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", self.gpus_per_node)
+
+
+@dataclass
+class HardwareConfig:
+    """One accelerator's published figures, for MFU and cost; prices are editable."""
+
+    name: str = "cpu"
+    # Dense peak FLOP/s per device in the training precision; 0 means unknown (no MFU printed).
+    peak_flops: float = 0.0
+    memory_gb: float = 0.0
+    memory_bandwidth_gbps: float = 0.0
+    price_per_hour: float = 0.0
+    tdp_watts: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("peak_flops", "memory_gb", "memory_bandwidth_gbps", "price_per_hour", "tdp_watts"):
+            _require(getattr(self, key) >= 0, f"hardware.{key}", "must be >= 0", getattr(self, key))
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def __post_init__(self) -> None:
+        seq_len = self.seq_len
+        _require(
+            seq_len <= self.model.block_size,
+            "train.seq_len",
+            f"must be <= model.block_size={self.model.block_size}",
+            seq_len,
+        )
+        _require(
+            self.optim.warmup_steps <= self.train.max_steps,
+            "optim.warmup_steps",
+            f"must be <= train.max_steps={self.train.max_steps}",
+            self.optim.warmup_steps,
+        )
+        tp = self.parallel.tp
+        _require(self.model.n_head % tp == 0, "parallel.tp", f"must divide model.n_head={self.model.n_head}", tp)
+        _require(
+            self.model.ffn_size % tp == 0, "parallel.tp", f"must divide the MLP width {self.model.ffn_size}", tp
+        )
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Global batch in tokens: micro-batch x accumulation x data-parallel replicas x sequence."""
+        t = self.train
+        return t.micro_batch_size * t.grad_accum_steps * self.parallel.dp * self.seq_len
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore so YAML is type-checked against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a composed DictConfig into validated dataclasses; raises ConfigError naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        # OmegaConf wraps errors raised in __post_init__; surface ours unchanged.
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        raise ConfigError(str(err).splitlines()[0]) from None
+    if not isinstance(config, Config):
+        raise ConfigError(f"config root has type {type(config).__name__}; expected Config (check conf/config.yaml)")
+    return config

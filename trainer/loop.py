@@ -1,0 +1,117 @@
+"""The step loop shared by pretraining and fine-tuning: step, log, evaluate, checkpoint, repeat."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from trainer.config import Config
+from trainer.engine import Batch, Engine
+from trainer.metrics import MetricsSink
+from trainer.parallel.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """How far training has come; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class LoopResult:
+    """What this process's share of the run measured."""
+
+    train_losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    tokens_trained: int = 0
+
+
+class _Throughput:
+    """Tokens/s over the steps since the last report, excluding evaluation and checkpoint time."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.tokens, self.steps = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def report(self) -> tuple[float, float]:
+        """(tokens per second, seconds per step) since the last restart."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return self.tokens / elapsed, elapsed / max(1, self.steps)
+
+
+def train_loop(
+    engine: Engine,
+    train_batches: Iterable[Batch],
+    val_batches: list[Batch],
+    config: Config,
+    topo: Topology,
+    progress: Progress,
+    save_checkpoint: Callable[[Progress], None],
+    sink: MetricsSink,
+    flops_per_token: float,
+) -> LoopResult:
+    """Train from `progress.step` to `train.max_steps` (or `train.exit_after_steps` more), in place."""
+    train = config.train
+    last_step = train.max_steps
+    if train.exit_after_steps is not None:
+        last_step = min(last_step, progress.step + train.exit_after_steps)
+    result = LoopResult()
+    meter = _Throughput()
+    batches = iter(train_batches)
+    bar = tqdm(
+        total=train.max_steps, initial=progress.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+        disable=not (topo.is_main and train.progress_bar),
+    )
+    with logging_redirect_tqdm():
+        while progress.step < last_step:
+            step_started = time.perf_counter()
+            stats = engine.train_step(batches)
+            result.train_seconds += time.perf_counter() - step_started
+            progress.step += 1
+            progress.tokens_seen += config.tokens_per_step
+            result.tokens_trained += config.tokens_per_step
+            meter.add(config.tokens_per_step)
+            result.train_losses[progress.step] = stats.loss
+            if not math.isfinite(stats.loss):
+                raise FloatingPointError(f"loss is {stats.loss} at step {progress.step}; lower optim.lr?")
+            bar.update(1)
+            is_last = progress.step == last_step
+            if progress.step % train.log_interval == 0 or is_last:
+                tokens_per_s, step_s = meter.report()
+                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                sink.log(progress.step, {
+                    "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
+                    "perf/tokens_per_s": tokens_per_s, "perf/step_s": step_s,
+                    "perf/model_flops_per_s": tokens_per_s * flops_per_token,
+                    "progress/tokens_seen": progress.tokens_seen,
+                })
+                meter.restart()
+            evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0
+            if evaluate_now or progress.step == train.max_steps:
+                result.val_losses[progress.step] = engine.evaluate(val_batches)
+                sink.log(progress.step, {"val/loss": result.val_losses[progress.step]})
+                log.info("step %d: train loss %.4f, val loss %.4f", progress.step, stats.loss,
+                         result.val_losses[progress.step])
+                meter.restart()
+            if train.checkpoint_interval and progress.step % train.checkpoint_interval == 0 and not is_last:
+                save_checkpoint(progress)
+                meter.restart()
+    bar.close()
+    return result

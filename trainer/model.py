@@ -1,0 +1,213 @@
+"""The GPT: token + position embeddings, pre-LayerNorm blocks (causal self-attention, GELU MLP), tied head.
+
+Built from megatron-core's tensor-parallel layers, so the same model runs at tp=1 and tp=8: the layout
+decides how wide each rank's shard is, never which code runs. The model is a flat sequence of layers
+(embedding, blocks, head) so the pipeline engine can cut it into stages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from kernels import causal_attention, layer_norm
+from trainer.config import KernelsConfig, ModelConfig
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    """Round the vocabulary up so each tensor-parallel shard is a multiple of `multiple` rows."""
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+def _normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    def init(tensor: torch.Tensor) -> None:
+        nn.init.normal_(tensor, mean=0.0, std=std)
+
+    return init
+
+
+def _parallel_config(tp: int) -> ModelParallelConfig:
+    # Weights are initialised on the CPU as one master tensor and then sliced, so every layout
+    # starts from identical numbers; fused CUDA-only paths stay off so CPU and GPU share code.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+        params_dtype=torch.float32,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose arithmetic is chosen by `kernels.layernorm` (replicated across tp ranks)."""
+
+    def __init__(self, width: int, eps: float, impl: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+        self.impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps, self.impl)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention; heads are split over tensor-parallel ranks."""
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, mp: ModelParallelConfig):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.local_heads = cfg.n_head // tp
+        self.head_dim = cfg.head_dim
+        self.attention_impl = kernels.attention
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual writes by depth
+        # Output rows are laid out head by head as (head, q|k|v, head_dim), so a contiguous tp slice
+        # holds whole heads with their q, k and v together.
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.n_embd, 3 * cfg.n_embd, config=mp, init_method=_normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False,
+        )
+        self.proj = tensor_parallel.RowParallelLinear(
+            cfg.n_embd, cfg.n_embd, config=mp, init_method=_normal_init(residual_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd)
+        qkv = qkv.view(batch, seq_len, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hd)
+        y = causal_attention(q, k, v, self.attention_impl)
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_dim)
+        out, _ = self.proj(y)
+        return out
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear; the hidden width is split over tensor-parallel ranks."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        self.fc = tensor_parallel.ColumnParallelLinear(
+            cfg.n_embd, cfg.ffn_size, config=mp, init_method=_normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False,
+        )
+        self.proj = tensor_parallel.RowParallelLinear(
+            cfg.ffn_size, cfg.n_embd, config=mp, init_method=_normal_init(residual_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc(x)
+        out, _ = self.proj(F.gelu(h, approximate="tanh"))
+        return out
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+        self.attn = CausalSelfAttention(cfg, kernels, mp)
+        self.ln_mlp = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+        self.mlp = MLP(cfg, mp)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_attn(x)))
+        return x + self.dropout(self.mlp(self.ln_mlp(x)))
+
+
+class Embedding(nn.Module):
+    """Token embedding (vocab split over tp ranks) plus learned positions; also the tied output layer."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+        super().__init__()
+        self.tokens = tensor_parallel.VocabParallelEmbedding(
+            vocab_size, cfg.n_embd, init_method=_normal_init(cfg.init_std), config=mp
+        )
+        self.positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+        nn.init.normal_(self.positions.weight, mean=0.0, std=cfg.init_std)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.dropout(self.tokens(idx) + self.positions(positions))  # (B, T, C)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the vocabulary logits, (B, T, V/tp), from the tied token table."""
+        h = tensor_parallel.copy_to_tensor_model_parallel_region(h)
+        return F.linear(h, self.tokens.weight)
+
+
+class Head(nn.Module):
+    """Final LayerNorm and the output projection tied to the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, embedding: Embedding):
+        super().__init__()
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+        # A plain attribute, not a submodule: the weight is owned (and saved) by the embedding.
+        self._embedding = [embedding]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._embedding[0].logits(self.ln_f(h))
+
+
+def language_model_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over vocab-parallel logits, computed in fp32."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), targets)
+    return losses.mean()
+
+
+class GPT(nn.Module):
+    """The decoder-only language model; `forward(idx, targets)` returns the loss, or logits without targets."""
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, vocab_size: int, seed: int):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        mp = _parallel_config(tp)
+        self.config = cfg
+        self.vocab_size = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
+        # Each layer draws its initial weights from its own seed, so a layer starts identical whatever
+        # pipeline stage or tensor-parallel rank builds it.
+        with _seeded(seed, 0):
+            self.embedding = Embedding(cfg, self.vocab_size, mp)
+        blocks = []
+        for index in range(cfg.n_layer):
+            with _seeded(seed, index + 1):
+                blocks.append(Block(cfg, kernels, mp))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = Head(cfg, kernels, self.embedding)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embedding(idx)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(h)
+        if targets is None:
+            return logits
+        return language_model_loss(logits, targets)
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (the tied output layer counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+@contextmanager
+def _seeded(seed: int, index: int) -> Iterator[None]:
+    """Run a block with the CPU generator seeded from (seed, index), restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + index)
+        yield

@@ -1,0 +1,141 @@
+"""One place that starts torch.distributed, megatron-core's parallel_state and the mpu DeepSpeed expects.
+
+Rank order is megatron-core's default: tp fastest, then dp, then pp; DeepSpeed's
+PipeModelDataParallelTopology (axes pipe, data, model) orders ranks the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from trainer.config import ConfigError, ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This rank's place in the tp x pp x dp grid, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp}"
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed calls, answered from megatron-core's parallel_state."""
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA on a machine without it is an error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda': no CUDA device is visible on this machine")
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_process_group(device: torch.device) -> None:
+    """Join the job's process group (env:// from torchrun/SLURM), or make a one-process group."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+
+
+def init_topology(parallel: ParallelConfig, device_name: str = "auto") -> Topology:
+    """Start the process groups for the configured layout and return this rank's coordinates."""
+    device = resolve_device(device_name)
+    _start_process_group(device)
+    world_size = dist.get_world_size()
+    if world_size != parallel.world_size:
+        raise ConfigError(
+            f"parallel.tp*pp*dp = {parallel.tp}*{parallel.pp}*{parallel.dp} = {parallel.world_size} "
+            f"but the job has {world_size} processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
+    )
+    topo = Topology(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        tp=parallel.tp,
+        pp=parallel.pp,
+        dp=parallel.dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+    log.info("topology: %s", topo.describe())
+    return topo
+
+
+def shutdown_topology() -> None:
+    """Tear down megatron-core's groups (the process group stays up for reuse in this process)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,14 +192,26 @@ def load_checkpoint(path: Path, model: nn.Module, topo: Topology) -> tuple[dict,
     for name in files.values():
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: missing {name} for {topo.describe()} (saved with another layout?)")
-    weights = load_file(str(path / files["model"]))
+    weights = _read(path / files["model"], lambda f: load_file(str(f)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path / files['model']}: missing keys {missing}, unexpected keys {unexpected}")
-    # weights_only: a checkpoint holds tensors and plain values, never code to run.
-    optimizer_state = torch.load(path / files["optim"], map_location="cpu", weights_only=True)
-    _set_rng_state(torch.load(path / files["rng"], map_location="cpu", weights_only=True))
-    with open(path / files["data"]) as handle:
-        data_state = json.load(handle)
+    optimizer_state = _read(path / files["optim"], _load_tensors)
+    _set_rng_state(_read(path / files["rng"], _load_tensors))
+    data_state = _read(path / files["data"], lambda f: json.loads(f.read_text()))
     return optimizer_state, data_state
+
+
+def _load_tensors(file: Path) -> Any:
+    # weights_only: a checkpoint holds tensors and plain values, never code to run.
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _read(file: Path, reader: Callable[[Path], Any]) -> Any:
+    """Read one checkpoint file; a corrupt or unsafe file becomes a CheckpointError naming it."""
+    try:
+        return reader(file)
+    except Exception as err:  # noqa: BLE001 - any decoder failure means the same thing to the user
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: unreadable or unsafe checkpoint file ({first_line})") from err

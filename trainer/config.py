@@ -287,11 +287,13 @@ def to_config(cfg: Any) -> Config:
 
     try:
         config = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own validation (e.g. DataConfig) names its key itself
+        raise ConfigError(str(err)) from None
     except OmegaConfBaseException as err:
-        # OmegaConf wraps errors raised in __post_init__; surface ours unchanged.
+        # OmegaConf may wrap errors raised in __post_init__; surface ours unchanged.
         cause = err.__cause__ or err.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
         if isinstance(cause, ValueError):
             raise ConfigError(str(cause)) from None
         raise ConfigError(str(err).splitlines()[0]) from None

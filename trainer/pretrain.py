@@ -1,201 +1,23 @@
 """Pretraining entry point: `python -m trainer.pretrain [overrides]` composes the Hydra config and runs it.
 
-`run(config)` wires the pieces in a fixed order: topology, data, model, engine, resume, step loop, final
-checkpoint and report. Fine-tuning reuses the same engine and loop with other data.
+The config is validated before the heavy libraries are imported, so a bad value fails in about a second
+with one line naming the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
-from data_pipeline.prepare import ensure_prepared, load_index
-from data_pipeline.stream import TokenStream, eval_batches
-from trainer.checkpoint import (
-    CheckpointError,
-    TrainerState,
-    load_checkpoint,
-    load_trainer_state,
-    resolve_resume,
-    save_checkpoint,
-)
-from trainer.config import Config, ConfigError, register_configs, to_config
-from trainer.cost import model_flops_per_token
-from trainer.engine import Engine
-from trainer.loop import LoopResult, Progress, train_loop
-from trainer.metrics import MetricsSink
-from trainer.model import GPT
-from trainer.parallel import Topology, init_topology, shutdown_topology
+from trainer.config import ConfigError, register_configs, to_config
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-@dataclass
-class RunSummary:
-    """The figures a run ends with (this process's view; losses are averaged over dp)."""
-
-    final_step: int
-    train_loss: float
-    val_loss: float
-    unigram_entropy: float
-    checkpoint: str
-    tokens_seen: int
-    tokens_trained: int
-    flops: float
-    train_seconds: float
-    num_parameters: int
-    train_losses: dict[int, float] = field(default_factory=dict)
-    val_losses: dict[int, float] = field(default_factory=dict)
-
-    @property
-    def flops_per_second(self) -> float:
-        return self.flops / max(self.train_seconds, 1e-9)
-
-
-def _layout(topo: Topology) -> dict:
-    return {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
-
-
-def _prepare_data(config: Config, topo: Topology) -> dict:
-    """Rank 0 prepares the corpus if needed; every rank then reads the same index."""
-    if topo.is_main:
-        ensure_prepared(config.data)
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    return load_index(config.data.prepared_dir)
-
-
-def _check_resumable(saved: TrainerState, config: Config, topo: Topology, path: Path) -> None:
-    """Refuse a checkpoint whose model or layout differs from this run, naming the differences."""
-    current = dataclasses.asdict(config.model)
-    diffs = [
-        f"model.{key}={saved.config['model'].get(key)!r} (this run: {value!r})"
-        for key, value in current.items()
-        if saved.config["model"].get(key) != value and key != "name"
-    ]
-    if saved.layout != _layout(topo):
-        diffs.append(f"parallel layout {saved.layout} (this run: {_layout(topo)})")
-    if diffs:
-        raise CheckpointError(
-            f"{path} was saved with " + "; ".join(diffs) + ". Use another train.run_name for a new run."
-        )
-
-
-def _resume(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path) -> Progress:
-    path = resolve_resume(config.train.resume, root)
-    if path is None:
-        return Progress()
-    saved = load_trainer_state(path)
-    _check_resumable(saved, config, topo, path)
-    optimizer_state, data_state = load_checkpoint(path, engine.module, topo)
-    engine.load_optimizer_state(optimizer_state)
-    try:
-        stream.load_state_dict(data_state)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: its data position does not fit this run's data ({err})") from None
-    log.info("resumed from %s (step %d, %s tokens seen)", path, saved.step, f"{saved.tokens_seen:,}")
-    return Progress(step=saved.step, tokens_seen=saved.tokens_seen)
-
-
-def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path):
-    def save(progress: Progress) -> Path:
-        state = TrainerState(
-            step=progress.step,
-            tokens_seen=progress.tokens_seen,
-            layout=_layout(topo),
-            config=dataclasses.asdict(config),
-        )
-        path = save_checkpoint(
-            root, state, engine.module, engine.optimizer_state(), stream.state_dict(), topo,
-            config.train.keep_last_checkpoints,
-        )
-        log.info("checkpoint saved: %s", path)
-        return path
-
-    return save
-
-
-def run(config: Config) -> RunSummary:
-    """Pretrain as configured; returns the summary that is also printed and sent to W&B."""
-    topo = init_topology(config.parallel, config.train.device)
-    try:
-        return _run(config, topo)
-    finally:
-        shutdown_topology()
-
-
-def _run(config: Config, topo: Topology) -> RunSummary:
-    torch.manual_seed(config.train.seed)
-    run_dir = Path(config.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    index = _prepare_data(config, topo)
-    model = GPT(config.model, config.kernels, vocab_size=index["vocab_size"], seed=config.train.seed)
-    engine = Engine(model, config, topo)
-    stream = TokenStream(
-        config.data.prepared_dir, "train", config.seq_len, config.train.micro_batch_size,
-        seed=config.data.seed, dp_rank=topo.dp_rank, dp_world_size=topo.dp,
-    )
-    val = eval_batches(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size,
-                       config.train.eval_batches)
-    root = run_dir / "checkpoints"
-    progress = _resume(config, topo, engine, stream, root)
-    save = _checkpoint_saver(config, topo, engine, stream, root)
-    flops_per_token = model_flops_per_token(config.model, model.vocab_size, config.seq_len)
-    sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main)
-    log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
-             f"{model.num_parameters():,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
-    try:
-        result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token)
-        checkpoint = save(progress)
-        if not result.val_losses:  # nothing trained (already finished): still report where the model is
-            result.val_losses[progress.step] = engine.evaluate(val)
-        summary = _summarise(progress, result, index, checkpoint, flops_per_token, model)
-        sink.summary({k: v for k, v in dataclasses.asdict(summary).items() if not isinstance(v, dict)})
-    finally:
-        sink.close()
-    _report(summary, topo)
-    return summary
-
-
-def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: Path,
-               flops_per_token: float, model: GPT) -> RunSummary:
-    last_train = result.train_losses[max(result.train_losses)] if result.train_losses else float("nan")
-    return RunSummary(
-        final_step=progress.step,
-        train_loss=last_train,
-        val_loss=result.val_losses[max(result.val_losses)],
-        unigram_entropy=index["train_unigram_entropy_nats"],
-        checkpoint=str(checkpoint),
-        tokens_seen=progress.tokens_seen,
-        tokens_trained=result.tokens_trained,
-        flops=result.tokens_trained * flops_per_token,
-        train_seconds=result.train_seconds,
-        num_parameters=model.num_parameters(),
-        train_losses=result.train_losses,
-        val_losses=result.val_losses,
-    )
-
-
-def _report(summary: RunSummary, topo: Topology) -> None:
-    if not topo.is_main:
-        return
-    log.info("done at step %d: train loss %.4f | val loss %.4f | unigram entropy of the corpus %.4f nats/token",
-             summary.final_step, summary.train_loss, summary.val_loss, summary.unigram_entropy)
-    log.info("checkpoint: %s", summary.checkpoint)
-    log.info("cost: %s tokens this run (%s in all), %.3g model FLOPs in %.1f s of training = %.3g FLOP/s achieved",
-             f"{summary.tokens_trained:,}", f"{summary.tokens_seen:,}", summary.flops, summary.train_seconds,
-             summary.flops_per_second)
-
 
 register_configs()
 
@@ -205,7 +27,15 @@ def main(cfg: DictConfig) -> None:
     """Validate the composed config, then pretrain; bad input ends with one line naming the problem."""
     started = time.perf_counter()
     try:
-        run(to_config(cfg))
+        config = to_config(cfg)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        sys.exit(2)
+    from trainer.checkpoint import CheckpointError
+    from trainer.run import run
+
+    try:
+        run(config)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         log.error("error: %s", err)
         sys.exit(2)

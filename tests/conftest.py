@@ -1,0 +1,59 @@
+"""Shared test fixtures: environment for CPU runs, a small prepared corpus, composed configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from data_pipeline.config import DataConfig  # noqa: E402
+from data_pipeline.prepare import prepare  # noqa: E402
+from trainer.config import Config, register_configs, to_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+
+# A model and batch small enough that a training step takes milliseconds on the CPU.
+SMALL_RUN = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.micro_batch_size=4", "train.eval_batches=2", "train.log_interval=1",
+    "train.progress_bar=false", "logging.wandb=false", "optim.warmup_steps=2",
+]  # fmt: skip
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """Compose conf/config.yaml with overrides and validate it, as the CLI does."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return to_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A ~1 MB slice of the standard library, prepared once with a 512-token vocabulary."""
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(DataConfig(source="stdlib", prepared_dir=str(out), vocab_size=512, max_corpus_mb=1.0,
+                       shard_max_tokens=20_000, val_fraction=0.1))
+    return out
+
+
+@pytest.fixture
+def small_run(small_corpus, tmp_path):
+    """Build a validated Config for a tiny run in tmp_path on the small corpus."""
+
+    def build(*overrides: str) -> Config:
+        return compose_config([
+            *SMALL_RUN, f"data.prepared_dir={small_corpus}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
+            "data.shard_max_tokens=20000", "data.val_fraction=0.1", f"train.run_dir={tmp_path / 'run'}",
+            *overrides,
+        ])
+
+    return build

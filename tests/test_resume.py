@@ -1,0 +1,55 @@
+"""Resuming continues the same loss curve: N steps straight == N/2, stop, resume, N/2 more."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.run import run
+
+
+def test_resume_continues_the_same_loss_curve(small_run, tmp_path):
+    steps = ["train.max_steps=8", "train.grad_accum_steps=2", "train.eval_interval=4", "train.checkpoint_interval=0"]
+    straight = run(small_run(*steps, f"train.run_dir={tmp_path / 'straight'}"))
+
+    first_half = run(small_run(*steps, "train.exit_after_steps=4", f"train.run_dir={tmp_path / 'split'}"))
+    assert first_half.final_step == 4
+    second_half = run(small_run(*steps, f"train.run_dir={tmp_path / 'split'}"))
+
+    assert sorted(second_half.train_losses) == [5, 6, 7, 8]
+    # Same data position, optimizer moments, LR schedule and RNG: bitwise the same losses.
+    assert [second_half.train_losses[s] for s in range(5, 9)] == [straight.train_losses[s] for s in range(5, 9)]
+    assert [first_half.train_losses[s] for s in range(1, 5)] == [straight.train_losses[s] for s in range(1, 5)]
+    assert second_half.val_losses[8] == straight.val_losses[8]
+    assert second_half.tokens_seen == straight.tokens_seen
+
+
+def test_periodic_checkpoints_keep_the_last_k(small_run, tmp_path):
+    summary = run(small_run("train.max_steps=6", "train.checkpoint_interval=2", "train.keep_last_checkpoints=2"))
+    root = tmp_path / "run" / "checkpoints"
+    assert [step for step, _ in list_checkpoints(root)] == [4, 6]
+    assert summary.checkpoint == str(root / "step_00000006")
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    state = json.loads((root / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(small_run):
+    run(small_run("train.max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"model\.n_embd=32 \(this run: 64\)"):
+        run(small_run("train.max_steps=4", "model.n_embd=64"))
+
+
+def test_resume_never_refuses_to_mix_with_existing_checkpoints(small_run):
+    run(small_run("train.max_steps=2"))
+    with pytest.raises(CheckpointError, match="train.resume=never"):
+        run(small_run("train.max_steps=4", "train.resume=never"))
+
+
+def test_finished_run_rerun_reports_without_training(small_run):
+    first = run(small_run("train.max_steps=3"))
+    again = run(small_run("train.max_steps=3"))
+    assert again.final_step == 3 and again.tokens_trained == 0
+    assert again.val_loss == first.val_loss

@@ -38,6 +38,11 @@ class DataConfig:
     seed: int = 1234
     """Seeds the document order inside shards at prepare time."""
 
+    shuffle_block_shards: int = 4
+    """Training batches draw windows in a random order from blocks of this many consecutive shards (of the
+    epoch's shuffled shard order, per data-parallel rank); more shards mix more documents per batch and hold
+    more tokens in memory. Not part of the prepared data: changing it only refuses a resume."""
+
     prepare: str = "auto"
     """"auto": prepare when index.json is missing or from another config; "always"; "never"."""
 
@@ -48,6 +53,8 @@ class DataConfig:
             raise ValueError(f"data.vocab_size must be >= 256 + 1, got {self.vocab_size}")
         if self.shard_max_tokens <= 0:
             raise ValueError(f"data.shard_max_tokens must be > 0, got {self.shard_max_tokens}")
+        if self.shuffle_block_shards < 1:
+            raise ValueError(f"data.shuffle_block_shards must be >= 1, got {self.shuffle_block_shards}")
         if self.prepare not in PREPARE_POLICIES:
             raise ValueError(f"data.prepare must be one of {PREPARE_POLICIES}, got {self.prepare!r}")
         if self.max_corpus_mb < 0:

@@ -14,9 +14,11 @@ logger = logging.getLogger(__name__)
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = (".txt", ".py")
-# Directories of the stdlib that are not the library itself (tests are huge and full of odd encodings).
+# Directories of the stdlib that are not the library's own source: tests (huge, full of odd encodings)
+# and pydoc_data, one generated 0.8 MB dict of documentation prose that would dominate whichever split
+# it lands in.
 STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "pydoc_data"}
 )
 
 

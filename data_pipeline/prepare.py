@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
-from data_pipeline.corpus import STDLIB, iter_documents, split_of
+from data_pipeline.corpus import STDLIB, STDLIB_SKIP_DIRS, iter_documents, split_of
 from data_pipeline.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def fingerprint(cfg: DataConfig) -> str:
         fields["python"] = (
             f"{sys.version_info[0]}.{sys.version_info[1]}"  # each Python ships a different stdlib
         )
+        fields["stdlib_skip_dirs"] = sorted(STDLIB_SKIP_DIRS)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,14 +1,25 @@
 """TokenStream: packed (inputs, targets) batches from the prepared shards, with exact resume.
 
-Per data-parallel rank the token stream is: for epoch 0, 1, ...: the epoch's shard order (shuffled with
-`random.Random(seed + epoch)`, then `order[dp_rank::dp_world_size]`), each shard's documents in the order
-they were written, each document's tokens (ending in EOT). Rows are windows of seq_len + 1 tokens taken
-with stride seq_len, so every token after the first is a target exactly once and a batch starts on the
-token the previous batch's last row ended on.
+Per data-parallel rank and epoch (0, 1, ...) the shards are the epoch's shard order (shuffled with
+`random.Random(seed + epoch)` when shuffle=True), then `order[dp_rank::dp_world_size]`.
 
-The resume state is the position of the next batch's first token: (epoch, shard position in the epoch's
-order, sample index in that shard, token offset in that sample). Nothing else needs saving: the tokens
-left over after a batch are the ones at that position (the "carry" is re-read from the shard on resume).
+shuffle=True (training): the rank's shards of an epoch are grouped into consecutive blocks of
+`shuffle_block_shards` shards. A block's token stream (its shards' documents in the order they were written,
+each document's tokens ending in EOT) is cut into windows of seq_len + 1 tokens taken with stride seq_len
+(window w is tokens [w*T, w*T + T + 1)); the tail of a block that cannot fill a window is dropped. The
+windows of block b are emitted in the order of a permutation drawn from
+`np.random.default_rng([seed, epoch, b])`, and batches take the next micro_batch_size windows of the flat
+sequence "block 0's permuted windows, then block 1's, ...", so a batch may span two blocks (and, with
+loop=True, two epochs). Every window of an epoch is seen exactly once in that epoch; a batch's rows come
+from all over a block (a few MB of tokens) rather than from one source file. Only one or two blocks are in
+memory. The number of windows of each block follows from index.json's token counts alone, so the resume
+state is just (epoch, window cursor in the epoch) and loading it needs no replay.
+
+shuffle=False (evaluation): the rank's shards are read in index order as one packed token stream; rows are
+windows of seq_len + 1 tokens taken with stride seq_len, so every token after the first is a target exactly
+once and a batch starts on the token the previous batch's last row ended on. Its resume state is the
+position of the next batch's first token: (epoch, shard position in the epoch's order, sample index in that
+shard, token offset in that sample); the tokens left over after a batch are re-read from the shard on resume.
 """
 
 from __future__ import annotations
@@ -28,8 +39,11 @@ from data_pipeline.prepare import load_index
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: shuffled streams resume from (epoch, window); shuffle_block_shards in the layout
 _CACHED_SHARDS = 2  # the current shard and the one a batch spills into
+_CACHED_BLOCKS = 2  # the current block and the one a batch spills into
+_MAX_EMPTY_EPOCHS = 1000  # consecutive epochs without a window before a looping stream gives up
+_SEED_MASK = (1 << 64) - 1  # SeedSequence takes non-negative entropy: map a negative seed into range
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,26 @@ class _Shard:
 
     tokens: np.ndarray  # (n_tokens,) uint16/uint32
     starts: np.ndarray  # (n_docs,) int64, starts[0] == 0
+
+
+@dataclass(frozen=True)
+class _EpochLayout:
+    """Where the windows of one epoch (shuffle=True) are: per block, its shards and its window count."""
+
+    blocks: list[list[str]]
+    first_window: np.ndarray  # (n_blocks + 1,) int64: cumulative window counts, first_window[-1] == total
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.first_window[-1])
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A loaded block: its shards' tokens concatenated, and the order its windows are emitted in."""
+
+    tokens: np.ndarray  # (n_tokens,) uint16/uint32
+    order: np.ndarray  # (n_windows,) int64 permutation of the block's window indices
 
 
 def _load_shard(path: Path) -> _Shard:
@@ -67,16 +101,21 @@ class TokenStream:
         dp_world_size: int = 1,
         loop: bool = True,
         shuffle: bool = True,
+        shuffle_block_shards: int = 4,
     ) -> None:
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank must be in [0, {dp_world_size}), got {dp_rank}")
+        if shuffle_block_shards < 1:
+            raise ValueError(f"shuffle_block_shards must be >= 1, got {shuffle_block_shards}")
         self.dir = Path(prepared_dir)
         index = load_index(self.dir)
         if split not in index["splits"]:
             raise ValueError(f"split {split!r} not in {str(self.dir)!r} (has {sorted(index['splits'])})")
-        self.shard_files = [s["file"] for s in index["splits"][split]["shards"]]
+        shards = index["splits"][split]["shards"]
+        self.shard_files = [s["file"] for s in shards]
+        self._shard_tokens = {s["file"]: int(s["n_tokens"]) for s in shards}
         if len(self.shard_files) < dp_world_size:
             raise ValueError(
                 f"the {split} split of {str(self.dir)!r} has {len(self.shard_files)} shards, fewer than "
@@ -85,9 +124,18 @@ class TokenStream:
         self.fingerprint = index["fingerprint"]
         self.split, self.seq_len, self.micro_batch_size, self.seed = split, seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_world_size, self.loop, self.shuffle = dp_rank, dp_world_size, loop, shuffle
-        # Position of the next batch's first token: (epoch, shard position, flat token offset in that shard).
-        self._epoch, self._shard_pos, self._offset = 0, 0, 0
+        self.shuffle_block_shards = shuffle_block_shards
+        # shuffle=False: position of the next batch's first token (epoch, shard position, flat token offset).
+        # shuffle=True: _epoch and _window, the index of the next window in the epoch's emission order.
+        self._epoch, self._shard_pos, self._offset, self._window = 0, 0, 0, 0
         self._cache: OrderedDict[str, _Shard] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
+        self._layouts: OrderedDict[int, _EpochLayout] = OrderedDict()
+        if shuffle and self._layout_of(0).n_windows == 0:
+            raise ValueError(
+                f"no block of {shuffle_block_shards} shards of the {split} split of {str(self.dir)!r} "
+                f"(dp rank {dp_rank} of {dp_world_size}) holds a window of seq_len + 1 = {seq_len + 1} tokens"
+            )
 
     # --- shard order and loading -------------------------------------------------------------------
     def _epoch_shards(self, epoch: int) -> list[str]:
@@ -106,7 +154,75 @@ class TokenStream:
             self._cache.popitem(last=False)
         return shard
 
-    # --- reading -----------------------------------------------------------------------------------
+    # --- shuffle=True: blocks of shards, windows in permuted order ---------------------------------
+    def _layout_of(self, epoch: int) -> _EpochLayout:
+        """The epoch's blocks and window counts, from index.json's token counts (nothing is loaded)."""
+        if epoch in self._layouts:
+            return self._layouts[epoch]
+        names, k = self._epoch_shards(epoch), self.shuffle_block_shards
+        blocks = [names[i : i + k] for i in range(0, len(names), k)]
+        n_tokens = np.array([sum(self._shard_tokens[n] for n in b) for b in blocks], dtype=np.int64)
+        n_windows = np.maximum(n_tokens - 1, 0) // self.seq_len  # window w needs tokens up to w*T + T
+        layout = _EpochLayout(blocks, np.concatenate([[0], np.cumsum(n_windows)]).astype(np.int64))
+        self._layouts[epoch] = layout
+        if len(self._layouts) > 2:
+            self._layouts.popitem(last=False)
+        return layout
+
+    def _window_order(self, epoch: int, block: int, n_windows: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed & _SEED_MASK, epoch, block])
+        return rng.permutation(n_windows)
+
+    def _block(self, epoch: int, block: int) -> _Block:
+        key = (epoch, block)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        layout = self._layout_of(epoch)
+        names = layout.blocks[block]
+        pieces = [_load_shard(self.dir / name).tokens for name in names]
+        tokens = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+        expected = sum(self._shard_tokens[n] for n in names)
+        if tokens.size != expected:
+            raise ValueError(f"shards {names} hold {tokens.size} tokens, index.json says {expected}")
+        n_windows = int(layout.first_window[block + 1] - layout.first_window[block])
+        loaded = _Block(tokens=tokens, order=self._window_order(epoch, block, n_windows))
+        self._blocks[key] = loaded
+        if len(self._blocks) > _CACHED_BLOCKS:
+            self._blocks.popitem(last=False)
+        return loaded
+
+    def _next_shuffled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.micro_batch_size, self.seq_len
+        epoch, window = self._epoch, self._window
+        rows, empty_epochs = [], 0
+        offsets = np.arange(T + 1, dtype=np.int64)
+        while B > 0:
+            layout = self._layout_of(epoch)
+            if window >= layout.n_windows:
+                if not self.loop:
+                    raise StopIteration
+                empty_epochs = empty_epochs + 1 if layout.n_windows == 0 else 0
+                if empty_epochs > _MAX_EMPTY_EPOCHS:
+                    raise RuntimeError(
+                        f"{_MAX_EMPTY_EPOCHS} epochs in a row hold no window of {T + 1} tokens"
+                    )
+                epoch, window = epoch + 1, 0
+                continue
+            block = int(np.searchsorted(layout.first_window, window, side="right") - 1)
+            start, end = int(layout.first_window[block]), int(layout.first_window[block + 1])
+            take = min(B, end - window)
+            loaded = self._block(epoch, block)
+            # The first token of each of the next `take` windows, then a (take, T + 1) gather.
+            first = loaded.order[window - start : window - start + take] * T
+            rows.append(loaded.tokens[first[:, None] + offsets])
+            B -= take
+            window += take
+        buf = torch.from_numpy((np.concatenate(rows) if len(rows) != 1 else rows[0]).astype(np.int64))
+        self._epoch, self._window = epoch, window
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    # --- shuffle=False: one packed stream ----------------------------------------------------------
     def _read(self, pos: tuple[int, int, int], n: int) -> tuple[np.ndarray, tuple[int, int, int]] | None:
         """n tokens from pos and the position after them, or None if loop=False and the epoch ends first."""
         epoch, shard_pos, offset = pos
@@ -127,10 +243,7 @@ class TokenStream:
                 shard_pos, offset = shard_pos + 1, 0
         return np.concatenate(pieces) if len(pieces) != 1 else pieces[0], (epoch, shard_pos, offset)
 
-    def __iter__(self) -> TokenStream:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_sequential(self) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.micro_batch_size, self.seq_len
         pos = (self._epoch, self._shard_pos, self._offset)
         body = self._read(pos, B * T)
@@ -146,6 +259,12 @@ class TokenStream:
         self._epoch, self._shard_pos, self._offset = next_pos
         return inputs, targets.contiguous()
 
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._next_shuffled() if self.shuffle else self._next_sequential()
+
     # --- resume ------------------------------------------------------------------------------------
     def _layout(self) -> dict:
         return {
@@ -153,6 +272,7 @@ class TokenStream:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "shuffle_block_shards": self.shuffle_block_shards,
             "dp_rank": self.dp_rank,
             "dp_world_size": self.dp_world_size,
             "fingerprint": self.fingerprint,
@@ -160,24 +280,24 @@ class TokenStream:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position right after the last batch returned."""
+        state = {
+            "version": STATE_VERSION,
+            **self._layout(),
+            "micro_batch_size": self.micro_batch_size,  # informative: positions are in tokens or windows
+            "epoch": self._epoch,
+        }
+        if self.shuffle:
+            return {**state, "window": self._window}
         names = self._epoch_shards(self._epoch)
         sample = offset = 0
         if self._shard_pos < len(names):
             starts = self._shard(names[self._shard_pos]).starts
             sample = int(np.searchsorted(starts, self._offset, side="right") - 1)
             offset = int(self._offset - starts[sample])
-        return {
-            "version": STATE_VERSION,
-            **self._layout(),
-            "micro_batch_size": self.micro_batch_size,  # informative: positions are in tokens
-            "epoch": self._epoch,
-            "shard_pos": self._shard_pos,
-            "sample": sample,
-            "offset_in_sample": offset,
-        }
+        return {**state, "shard_pos": self._shard_pos, "sample": sample, "offset_in_sample": offset}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(); it must come from the same split, seq_len, seed and dp layout."""
+        """Continue from a state_dict(); it must come from the same split, seq_len, seed, shuffle and dp layout."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"TokenStream state version {state.get('version')!r}, expected {STATE_VERSION}")
         for key, mine in self._layout().items():
@@ -185,7 +305,16 @@ class TokenStream:
                 raise ValueError(
                     f"TokenStream state was saved with {key}={state.get(key)!r}, this stream has {key}={mine!r}"
                 )
-        epoch, shard_pos = int(state["epoch"]), int(state["shard_pos"])
+        epoch = int(state["epoch"])
+        if epoch < 0:
+            raise ValueError(f"TokenStream state epoch={epoch} is negative")
+        if self.shuffle:
+            window, n_windows = int(state["window"]), self._layout_of(epoch).n_windows
+            if not 0 <= window <= n_windows:
+                raise ValueError(f"TokenStream state window={window} out of range [0, {n_windows}]")
+            self._epoch, self._window = epoch, window
+            return
+        shard_pos = int(state["shard_pos"])
         names = self._epoch_shards(epoch)
         if not 0 <= shard_pos <= len(names):
             raise ValueError(f"TokenStream state shard_pos={shard_pos} out of range [0, {len(names)}]")

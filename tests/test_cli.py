@@ -71,8 +71,8 @@ def test_cfg_job_prints_the_resolved_config(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_run_learns_and_reports(small_corpus, tmp_path):
-    args = [*SMALL_RUN, *data_args(small_corpus), "model.n_embd=64", "train.max_steps=150",
-            "train.micro_batch_size=8", "train.log_interval=25", "train.eval_interval=50",
+    args = [*SMALL_RUN, *data_args(small_corpus), "model.n_embd=64", "model.block_size=64", "train.max_steps=150",
+            "train.micro_batch_size=16", "train.log_interval=25", "train.eval_interval=50",
             "train.checkpoint_interval=100", "optim.lr=3e-3", "optim.warmup_steps=10", "logging.wandb=true",
             "train.run_name=e2e"]
     result = pretrain(args, tmp_path)
@@ -97,7 +97,9 @@ def test_multirun_sweep_runs_each_job(small_corpus, tmp_path):
             "train.run_name=sweep"]
     result = pretrain(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p.name for p in (tmp_path / "multirun" / "sweep").iterdir() if p.is_dir())
-    assert len(jobs) == 2 and "optim.lr=0.001" in jobs[0] and "optim.lr=0.002" in jobs[1]
-    for job in jobs:
-        assert (tmp_path / "multirun" / "sweep" / job / "checkpoints" / "step_00000003").is_dir()
+    sweep = tmp_path / "multirun" / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["job0", "job1"]
+    for job, lr in (("job0", "optim.lr=0.001"), ("job1", "optim.lr=0.002")):
+        assert lr in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        assert (sweep / job / "checkpoints" / "step_00000003").is_dir()
+        assert json.loads((sweep / job / "metrics.jsonl").read_text().splitlines()[-1])["summary"]["final_step"] == 3

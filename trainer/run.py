@@ -139,6 +139,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     stream = TokenStream(
         config.data.prepared_dir, "train", config.seq_len, config.train.micro_batch_size,
         seed=config.data.seed, dp_rank=topo.dp_rank, dp_world_size=topo.dp,
+        shuffle_block_shards=config.data.shuffle_block_shards,
     )
     val = eval_batches(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size,
                        config.train.eval_batches)

@@ -18,6 +18,7 @@ def test_defaults_are_valid():
         ("val_fraction", 0.6, "data.val_fraction"),
         ("shard_max_tokens", 0, "data.shard_max_tokens"),
         ("prepare", "sometimes", "data.prepare"),
+        ("shuffle_block_shards", 0, "data.shuffle_block_shards must be >= 1, got 0"),
         ("max_corpus_mb", -1.0, "data.max_corpus_mb"),
         ("source", "", "data.source"),
     ],

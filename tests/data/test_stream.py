@@ -1,8 +1,9 @@
-"""TokenStream: packing, shapes, data-parallel sharding and exact resume."""
+"""TokenStream: packing, block-shuffled windows, shapes, data-parallel sharding and exact resume."""
 
 from __future__ import annotations
 
 import json
+import random
 from itertools import islice
 from pathlib import Path
 
@@ -25,23 +26,112 @@ def _stream(cfg, split="train", seq_len=16, batch=3, seed=11, **kw) -> TokenStre
     return TokenStream(cfg.prepared_dir, split, seq_len, batch, seed, **kw)
 
 
+def _rows(batches) -> np.ndarray:
+    """The windows of seq_len + 1 tokens that batches' rows were cut from: (n_rows, T + 1)."""
+    return np.concatenate([torch.cat([x, y[:, -1:]], dim=1).numpy() for x, y in batches])
+
+
+def _reference_blocks(
+    cfg, index, epoch, seed=11, seq_len=16, shuffle_block_shards=4, dp_rank=0, dp_world_size=1
+):
+    """Per block of the rank's epoch: its sequential windows (n, T + 1), built independently of TokenStream."""
+    files = [s["file"] for s in index["splits"]["train"]["shards"]]
+    random.Random(seed + epoch).shuffle(files)
+    files = files[dp_rank::dp_world_size]
+    blocks = []
+    for i in range(0, len(files), shuffle_block_shards):
+        tokens = _packed_tokens(cfg, index, "train", files[i : i + shuffle_block_shards])
+        n = (tokens.size - 1) // seq_len
+        blocks.append(tokens[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)])
+    return blocks
+
+
+def _epoch_rows(cfg, epoch, **kw) -> np.ndarray:
+    """The windows a looping stream emits in the given epoch, in order."""
+    stream = _stream(cfg, batch=1, **kw)
+    stream.load_state_dict({**stream.state_dict(), "epoch": epoch})
+    n = stream._layout_of(epoch).n_windows
+    return _rows(islice(stream, n))
+
+
+def _sorted_rows(rows: np.ndarray) -> np.ndarray:
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 def _resumed(cfg, state, **kw) -> TokenStream:
     stream = _stream(cfg, **kw)
     stream.load_state_dict(json.loads(json.dumps(state)))  # as if stored in a checkpoint
     return stream
 
 
-def test_shapes_dtypes_and_shift(tiny_prepared):
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shapes_dtypes_and_shift(tiny_prepared, shuffle):
     cfg, _ = tiny_prepared
     prev = None
-    for inputs, targets in islice(_stream(cfg, seq_len=16, batch=3), 50):
+    for inputs, targets in islice(_stream(cfg, seq_len=16, batch=3, shuffle=shuffle), 50):
         assert inputs.shape == targets.shape == (3, 16)
         assert inputs.dtype == targets.dtype == torch.long
+        assert inputs.is_contiguous() and targets.is_contiguous()
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
-        assert torch.equal(inputs[1:, 0], targets[:-1, -1])  # rows are consecutive windows
-        if prev is not None:
-            assert inputs[0, 0] == prev[-1, -1]  # and so are batches
+        if not shuffle:
+            assert torch.equal(inputs[1:, 0], targets[:-1, -1])  # rows are consecutive windows
+            if prev is not None:
+                assert inputs[0, 0] == prev[-1, -1]  # and so are batches
         prev = targets
+
+
+@pytest.mark.parametrize(
+    "block_shards, dp_rank, dp_world_size", [(4, 0, 1), (3, 0, 1), (1, 0, 1), (2, 1, 2), (10, 0, 1)]
+)
+def test_shuffled_epoch_is_a_permutation_of_each_blocks_windows(
+    tiny_prepared, block_shards, dp_rank, dp_world_size
+):
+    cfg, index = tiny_prepared
+    kw = dict(shuffle_block_shards=block_shards, dp_rank=dp_rank, dp_world_size=dp_world_size)
+    for epoch in range(2):
+        blocks = _reference_blocks(cfg, index, epoch, **kw)
+        rows = _epoch_rows(cfg, epoch, **kw)
+        assert len(rows) == sum(len(b) for b in blocks)
+        start = 0
+        for b, windows in enumerate(blocks):
+            got = rows[start : start + len(windows)]
+            # Every window of the block exactly once, in the order of the (seed, epoch, block) permutation.
+            np.testing.assert_array_equal(_sorted_rows(got), _sorted_rows(windows))
+            np.testing.assert_array_equal(
+                got, windows[np.random.default_rng([11, epoch, b]).permutation(len(windows))]
+            )
+            start += len(windows)
+    # loop=False: one epoch of whole batches, the last partial batch dropped.
+    n = len(_epoch_rows(cfg, 0, **kw))
+    one_epoch = list(_stream(cfg, batch=5, loop=False, **kw))
+    assert len(one_epoch) == n // 5
+    np.testing.assert_array_equal(_rows(one_epoch), _epoch_rows(cfg, 0, **kw)[: 5 * (n // 5)])
+
+
+def test_shuffled_batches_mix_the_block(tiny_prepared):
+    cfg, index = tiny_prepared
+    B = 8
+    batches = list(islice(_stream(cfg, batch=B), 20))
+    # Sequential windows chain (row b's last target is row b + 1's first input); shuffled rows rarely do.
+    chained = sum(int((x[1:, 0] == y[:-1, -1]).sum()) for x, y in batches)
+    assert chained < 0.3 * len(batches) * (B - 1)
+    # A batch's rows come from far apart in the block: their window indices span much more than B.
+    windows = _reference_blocks(cfg, index, 0)[0]
+    where = {row.tobytes(): w for w, row in enumerate(windows)}
+    first = [where[row.tobytes()] for row in _rows(batches[:1])]
+    assert max(first) - min(first) > 3 * B and first != sorted(first)
+
+
+def test_shuffled_order_depends_on_seed_and_epoch(tiny_prepared):
+    cfg, _ = tiny_prepared
+    e0, e1 = _epoch_rows(cfg, 0), _epoch_rows(cfg, 1)
+    other_seed = _epoch_rows(cfg, 0, seed=12)
+    assert len(e0) == len(other_seed)
+    assert not np.array_equal(e0[:20], e1[:20])
+    assert not np.array_equal(e0, other_seed)
+    np.testing.assert_array_equal(e0, _epoch_rows(cfg, 0))  # and is deterministic
+    # Same seed and shard order but another block size: other blocks, so another order.
+    assert not np.array_equal(e0[:20], _epoch_rows(cfg, 0, shuffle_block_shards=2)[:20])
 
 
 def test_packs_documents_across_boundaries(tiny_prepared):
@@ -72,6 +162,12 @@ def test_dp_ranks_get_disjoint_shards(tiny_prepared):
         stream = _stream(cfg, seq_len=8, batch=2, dp_rank=r, dp_world_size=2, loop=False, shuffle=False)
         got = torch.cat([x.reshape(-1) for x, _ in stream]).numpy()
         np.testing.assert_array_equal(got, _packed_tokens(cfg, index, "train", files[r::2])[: got.size])
+    # Shuffled: in each epoch the ranks' windows are cut from disjoint shards and together cover the split.
+    for epoch in range(2):
+        per_rank = [_epoch_rows(cfg, epoch, dp_rank=r, dp_world_size=2) for r in range(2)]
+        for r in range(2):
+            ref = np.concatenate(_reference_blocks(cfg, index, epoch, dp_rank=r, dp_world_size=2))
+            np.testing.assert_array_equal(_sorted_rows(per_rank[r]), _sorted_rows(ref))
 
 
 def test_more_ranks_than_shards_is_an_error(tiny_prepared):
@@ -81,13 +177,77 @@ def test_more_ranks_than_shards_is_an_error(tiny_prepared):
         _stream(cfg, split="val", dp_rank=0, dp_world_size=n + 1)
 
 
-@pytest.mark.parametrize("seq_len, batch, dp_rank, dp_world_size", [(16, 3, 0, 1), (7, 5, 1, 2)])
-def test_exact_resume_at_every_step(tiny_prepared, seq_len, batch, dp_rank, dp_world_size):
+@pytest.mark.parametrize(
+    "seq_len, batch, dp_rank, dp_world_size, block_shards",
+    [(16, 3, 0, 1, 4), (7, 5, 1, 2, 2), (16, 7, 0, 1, 1), (5, 4, 0, 2, 3)],
+)
+def test_exact_resume_at_every_step(tiny_prepared, seq_len, batch, dp_rank, dp_world_size, block_shards):
     cfg, _ = tiny_prepared
-    kw = dict(seq_len=seq_len, batch=batch, dp_rank=dp_rank, dp_world_size=dp_world_size)
+    kw = dict(
+        seq_len=seq_len, batch=batch, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        shuffle_block_shards=block_shards,
+    )  # fmt: skip
     stream = _stream(cfg, **kw)
     states, batches = [stream.state_dict()], []
-    while states[-1]["epoch"] < 3:  # three epochs: several epoch and many shard boundaries
+    while states[-1]["epoch"] < 3:  # three epochs: several epoch and block boundaries
+        batches.append(next(stream))
+        states.append(stream.state_dict())
+
+    def block_of(state):
+        first_window = stream._layout_of(state["epoch"]).first_window
+        return state["epoch"], int(np.searchsorted(first_window, state["window"], side="right"))
+
+    crossed = {"epoch": 0, "block": 0}
+    for k in range(0, len(batches) - 3):
+        resumed = _resumed(cfg, states[k], **kw)
+        assert not resumed._blocks and not resumed._cache, "loading a state must not read shards"
+        for want, got in zip(batches[k : k + 3], islice(resumed, 3), strict=True):
+            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]), f"resume after {k} batches"
+        crossed["epoch"] += states[k + 1]["epoch"] != states[k]["epoch"]
+        crossed["block"] += block_of(states[k + 1]) != block_of(states[k])
+    assert crossed["epoch"] >= 2 and crossed["block"] >= 5
+    assert len(stream._blocks) <= 2  # memory: at most the current block and the one a batch spills into
+    # And a long continuation from one mid-run state matches the uninterrupted run to the end.
+    k = len(batches) // 3
+    rest = list(islice(_resumed(cfg, states[k], **kw), len(batches) - k))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches[k:], rest, strict=True)
+    )
+
+
+def test_shuffled_resume_on_block_and_epoch_boundaries(tiny_prepared):
+    # With one-row batches a state lands on every window: the start of each block and the end of the epoch.
+    cfg, _ = tiny_prepared
+    kw = dict(seq_len=16, batch=1, shuffle_block_shards=3)
+    stream = _stream(cfg, **kw)
+    states, batches = [stream.state_dict()], []
+    while states[-1]["epoch"] < 2:
+        batches.append(next(stream))
+        states.append(stream.state_dict())
+    first_window = stream._layout_of(0).first_window
+    n_windows = int(first_window[-1])
+    boundary = [
+        k for k, s in enumerate(states[:-3]) if s["epoch"] == 0 and s["window"] in set(first_window.tolist())
+    ]
+    assert [states[k]["window"] for k in boundary] == first_window.tolist()  # block starts, then epoch end
+    assert (states[n_windows]["epoch"], states[n_windows]["window"]) == (0, n_windows)
+    for k in boundary:
+        got = list(islice(_resumed(cfg, states[k], **kw), 3))
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            for a, b in zip(batches[k : k + 3], got, strict=True)
+        )
+    # A state at the end of a loop=False epoch ends that stream; a looping stream goes on into epoch 1.
+    with pytest.raises(StopIteration):
+        next(_resumed(cfg, states[n_windows], loop=False, **kw))
+
+
+def test_sequential_exact_resume_at_every_step(tiny_prepared):
+    cfg, _ = tiny_prepared
+    kw = dict(seq_len=7, batch=5, dp_rank=1, dp_world_size=2, shuffle=False)
+    stream = _stream(cfg, **kw)
+    states, batches = [stream.state_dict()], []
+    while states[-1]["epoch"] < 3:
         batches.append(next(stream))
         states.append(stream.state_dict())
     crossed = {"epoch": 0, "shard": 0}
@@ -98,19 +258,13 @@ def test_exact_resume_at_every_step(tiny_prepared, seq_len, batch, dp_rank, dp_w
         crossed["epoch"] += states[k + 1]["epoch"] != states[k]["epoch"]
         crossed["shard"] += states[k + 1]["shard_pos"] != states[k]["shard_pos"]
     assert crossed["epoch"] >= 2 and crossed["shard"] >= 10
-    # And a long continuation from one mid-run state matches the uninterrupted run to the end.
-    k = len(batches) // 3
-    rest = list(islice(_resumed(cfg, states[k], **kw), len(batches) - k))
-    assert all(
-        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches[k:], rest, strict=True)
-    )
 
 
-def test_exact_resume_on_shard_and_epoch_boundaries(tiny_prepared):
-    # With 1x1 batches a batch ends on every token, so states land exactly on each shard start and on
-    # the end of the epoch (shard_pos == number of shards of this rank).
+def test_sequential_exact_resume_on_shard_and_epoch_boundaries(tiny_prepared):
+    # Unshuffled, with 1x1 batches a batch ends on every token, so states land exactly on each shard start
+    # and on the end of the epoch (shard_pos == number of shards of this rank).
     cfg, _ = tiny_prepared
-    kw = dict(seq_len=1, batch=1, dp_rank=1, dp_world_size=2)
+    kw = dict(seq_len=1, batch=1, dp_rank=1, dp_world_size=2, shuffle=False)
     stream = _stream(cfg, **kw)
     states, batches = [stream.state_dict()], []
     while states[-1]["epoch"] < 2:
@@ -139,18 +293,37 @@ def test_state_dict_is_json_and_validated(tiny_prepared):
     stream = _stream(cfg)
     list(islice(stream, 7))
     state = json.loads(json.dumps(stream.state_dict()))
+    assert state["epoch"] == 0 and state["window"] == 21 and state["shuffle_block_shards"] == 4
     for kw, key in [
         (dict(split="val"), "split"),
         (dict(seq_len=32), "seq_len"),
         (dict(seed=12), "seed"),
         (dict(dp_rank=1, dp_world_size=2), "dp_rank"),
+        (dict(shuffle_block_shards=2), "shuffle_block_shards"),
+        (dict(shuffle=False), "shuffle"),
     ]:
         with pytest.raises(ValueError, match=f"saved with {key}="):
             _stream(cfg, **kw).load_state_dict(state)
-    with pytest.raises(ValueError, match="sample="):
-        _stream(cfg).load_state_dict({**state, "sample": 10_000})
+    with pytest.raises(ValueError, match="window="):
+        _stream(cfg).load_state_dict({**state, "window": 10_000})
     with pytest.raises(ValueError, match="version"):
         _stream(cfg).load_state_dict({})
+    with pytest.raises(ValueError, match="version"):
+        _stream(cfg).load_state_dict({**state, "version": 1})
+    sequential = _stream(cfg, shuffle=False)
+    list(islice(sequential, 7))
+    state = json.loads(json.dumps(sequential.state_dict()))
+    with pytest.raises(ValueError, match="sample="):
+        _stream(cfg, shuffle=False).load_state_dict({**state, "sample": 10_000})
+
+
+def test_shuffled_stream_arguments_are_checked(tiny_prepared):
+    cfg, index = tiny_prepared
+    with pytest.raises(ValueError, match="shuffle_block_shards must be >= 1, got 0"):
+        _stream(cfg, shuffle_block_shards=0)
+    biggest_shard = max(s["n_tokens"] for s in index["splits"]["train"]["shards"])
+    with pytest.raises(ValueError, match="holds a window of seq_len"):
+        _stream(cfg, seq_len=biggest_shard, shuffle_block_shards=1)
 
 
 def test_eval_batches_are_the_unshuffled_val_start(tiny_prepared):

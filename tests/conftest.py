@@ -11,14 +11,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from data_pipeline.config import DataConfig  # noqa: E402
 from data_pipeline.prepare import prepare  # noqa: E402
-from trainer.config import Config, register_configs, to_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = str(REPO / "conf")
+from trainer.config import Config, compose_config  # noqa: E402
 
 # A model and batch small enough that a training step takes milliseconds on the CPU.
 SMALL_RUN = [
@@ -26,14 +22,6 @@ SMALL_RUN = [
     "train.micro_batch_size=4", "train.eval_batches=2", "train.log_interval=1",
     "train.progress_bar=false", "logging.wandb=false", "optim.warmup_steps=2",
 ]  # fmt: skip
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """Compose conf/config.yaml with overrides and validate it, as the CLI does."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return to_config(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,12 @@ names, types and allowed values. Each `__post_init__` raises `ConfigError` namin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from data_pipeline.config import DataConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -278,6 +281,16 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """Compose conf/config.yaml with Hydra overrides and validate it, as the training CLI does."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return to_config(cfg)
 
 
 def to_config(cfg: Any) -> Config:

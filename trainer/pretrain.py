@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import ConfigError, register_configs, to_config
+from trainer.config import CONF_DIR, ConfigError, register_configs, to_config
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 

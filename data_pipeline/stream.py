@@ -1,25 +1,37 @@
 """TokenStream: packed (inputs, targets) batches from the prepared shards, with exact resume.
 
-Per data-parallel rank and epoch (0, 1, ...) the shards are the epoch's shard order (shuffled with
-`random.Random(seed + epoch)` when shuffle=True), then `order[dp_rank::dp_world_size]`.
+Each epoch (0, 1, ...) has a shard order: the split's shards in index order, shuffled with
+`random.Random(seed + epoch)` when shuffle=True.
 
-shuffle=True (training): the rank's shards of an epoch are grouped into consecutive blocks of
-`shuffle_block_shards` shards. A block's token stream (its shards' documents in the order they were written,
-each document's tokens ending in EOT) is cut into windows of seq_len + 1 tokens taken with stride seq_len
-(window w is tokens [w*T, w*T + T + 1)); the tail of a block that cannot fill a window is dropped. The
-windows of block b are emitted in the order of a permutation drawn from
-`np.random.default_rng([seed, epoch, b])`, and batches take the next micro_batch_size windows of the flat
-sequence "block 0's permuted windows, then block 1's, ...", so a batch may span two blocks (and, with
-loop=True, two epochs). Every window of an epoch is seen exactly once in that epoch; a batch's rows come
-from all over a block (a few MB of tokens) rather than from one source file. Only one or two blocks are in
-memory. The number of windows of each block follows from index.json's token counts alone, so the resume
-state is just (epoch, window cursor in the epoch) and loading it needs no replay.
+shuffle=True (training) is invariant to the data-parallel layout, as in Megatron-LM: there is one global
+window sequence, and dp ranks take their slices of each global micro-batch. The epoch's full shard order
+(no dp split) is grouped into consecutive blocks of `shuffle_block_shards` shards. A block's token stream
+(its shards' documents in the order they were written, each document's tokens ending in EOT) is cut into
+windows of seq_len + 1 tokens taken with stride seq_len (window w is tokens [w*T, w*T + T + 1)); the tail of
+a block that cannot fill a window is dropped. The windows of block b are emitted in the order of a
+permutation drawn from `np.random.default_rng([seed, epoch, b])`; the global sequence is "block 0's
+permuted windows, then block 1's, ...", epoch after epoch (loop=True). Each next() is one global
+micro-step of G = dp_world_size * micro_batch_size windows starting at the cursor: rank r returns windows
+[cursor + r*B, cursor + (r+1)*B) and every rank advances the cursor by G, so a batch may span two blocks
+(and, with loop=True, two epochs), and the rank-r batches of a step concatenated in rank order are the
+batch a single process with micro_batch_size G would get. Skipping the other ranks' windows is arithmetic
+on the cursor: a rank loads only the blocks its own rows come from. With loop=False the stream stops when
+the next global micro-step does not fit entirely in the epoch. Every window of an epoch is seen exactly
+once in that epoch (by one rank); a batch's rows come from all over a block (a few MB of tokens) rather
+than from one source file. Only one or two blocks are in memory. The I/O trade-off: every rank reads every
+block it touches in full (nearly every block, as consecutive ranks share blocks), i.e. each rank reads
+about the whole corpus per epoch; that is fine for corpora of this size, and a byte-offset index of the
+shards (random access to single windows) is the scalable next step. The number of windows of each block
+follows from index.json's token counts alone, so the resume state is just (epoch, global window cursor in
+the epoch): the same on every rank, and valid at any dp_world_size or micro_batch_size (resuming under
+another layout continues the same global sequence); loading it needs no replay.
 
-shuffle=False (evaluation): the rank's shards are read in index order as one packed token stream; rows are
-windows of seq_len + 1 tokens taken with stride seq_len, so every token after the first is a target exactly
-once and a batch starts on the token the previous batch's last row ended on. Its resume state is the
-position of the next batch's first token: (epoch, shard position in the epoch's order, sample index in that
-shard, token offset in that sample); the tokens left over after a batch are re-read from the shard on resume.
+shuffle=False (evaluation): the rank's shards, `order[dp_rank::dp_world_size]`, are read in index order as
+one packed token stream; rows are windows of seq_len + 1 tokens taken with stride seq_len, so every token
+after the first is a target exactly once and a batch starts on the token the previous batch's last row
+ended on. Its resume state is the position of the next batch's first token: (epoch, shard position in the
+epoch's order, sample index in that shard, token offset in that sample); the tokens left over after a batch
+are re-read from the shard on resume. It needs at least dp_world_size shards.
 """
 
 from __future__ import annotations
@@ -39,7 +51,8 @@ from data_pipeline.prepare import load_index
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: shuffled streams resume from (epoch, window); shuffle_block_shards in the layout
+STATE_VERSION = 3  # 3: shuffled streams: a global window cursor, dp layout and batch size not checked
+# (2: shuffled streams resume from (epoch, window); shuffle_block_shards in the layout)
 _CACHED_SHARDS = 2  # the current shard and the one a batch spills into
 _CACHED_BLOCKS = 2  # the current block and the one a batch spills into
 _MAX_EMPTY_EPOCHS = 1000  # consecutive epochs without a window before a looping stream gives up
@@ -116,7 +129,7 @@ class TokenStream:
         shards = index["splits"][split]["shards"]
         self.shard_files = [s["file"] for s in shards]
         self._shard_tokens = {s["file"]: int(s["n_tokens"]) for s in shards}
-        if len(self.shard_files) < dp_world_size:
+        if not shuffle and len(self.shard_files) < dp_world_size:
             raise ValueError(
                 f"the {split} split of {str(self.dir)!r} has {len(self.shard_files)} shards, fewer than "
                 f"dp_world_size={dp_world_size}: lower data.shard_max_tokens and prepare again"
@@ -126,7 +139,8 @@ class TokenStream:
         self.dp_rank, self.dp_world_size, self.loop, self.shuffle = dp_rank, dp_world_size, loop, shuffle
         self.shuffle_block_shards = shuffle_block_shards
         # shuffle=False: position of the next batch's first token (epoch, shard position, flat token offset).
-        # shuffle=True: _epoch and _window, the index of the next window in the epoch's emission order.
+        # shuffle=True: _epoch and _window, the index of the next global micro-step's first window in the
+        # epoch's (global, dp-independent) emission order.
         self._epoch, self._shard_pos, self._offset, self._window = 0, 0, 0, 0
         self._cache: OrderedDict[str, _Shard] = OrderedDict()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
@@ -134,14 +148,16 @@ class TokenStream:
         if shuffle and self._layout_of(0).n_windows == 0:
             raise ValueError(
                 f"no block of {shuffle_block_shards} shards of the {split} split of {str(self.dir)!r} "
-                f"(dp rank {dp_rank} of {dp_world_size}) holds a window of seq_len + 1 = {seq_len + 1} tokens"
+                f"holds a window of seq_len + 1 = {seq_len + 1} tokens"
             )
 
     # --- shard order and loading -------------------------------------------------------------------
     def _epoch_shards(self, epoch: int) -> list[str]:
+        """shuffle=True: the epoch's full shuffled order (all ranks); shuffle=False: this rank's shards."""
         order = list(self.shard_files)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(order)
+            return order
         return order[self.dp_rank :: self.dp_world_size]
 
     def _shard(self, name: str) -> _Shard:
@@ -193,15 +209,16 @@ class TokenStream:
         return loaded
 
     def _next_shuffled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = self.micro_batch_size, self.seq_len
+        B, T, step = self.micro_batch_size, self.seq_len, self.dp_world_size * self.micro_batch_size
+        lo, hi = self.dp_rank * B, (self.dp_rank + 1) * B  # this rank's slice of the global micro-step
         epoch, window = self._epoch, self._window
-        rows, empty_epochs = [], 0
+        if not self.loop and window + step > self._layout_of(epoch).n_windows:
+            raise StopIteration  # the global micro-step does not fit in the epoch: no rank gets a batch
+        rows, empty_epochs, done = [], 0, 0  # done: windows of the global micro-step walked past
         offsets = np.arange(T + 1, dtype=np.int64)
-        while B > 0:
+        while done < step:
             layout = self._layout_of(epoch)
             if window >= layout.n_windows:
-                if not self.loop:
-                    raise StopIteration
                 empty_epochs = empty_epochs + 1 if layout.n_windows == 0 else 0
                 if empty_epochs > _MAX_EMPTY_EPOCHS:
                     raise RuntimeError(
@@ -211,12 +228,17 @@ class TokenStream:
                 continue
             block = int(np.searchsorted(layout.first_window, window, side="right") - 1)
             start, end = int(layout.first_window[block]), int(layout.first_window[block + 1])
-            take = min(B, end - window)
-            loaded = self._block(epoch, block)
-            # The first token of each of the next `take` windows, then a (take, T + 1) gather.
-            first = loaded.order[window - start : window - start + take] * T
-            rows.append(loaded.tokens[first[:, None] + offsets])
-            B -= take
+            take = min(step - done, end - window)
+            # The part of this run of windows [done, done + take) of the step that is this rank's [lo, hi):
+            # only then is the block loaded; other ranks' windows are skipped by moving the cursor.
+            first_mine, end_mine = max(done, lo), min(done + take, hi)
+            if first_mine < end_mine:
+                loaded = self._block(epoch, block)
+                i = window - start + first_mine - done
+                # The first token of each of this rank's windows here, then a (n, T + 1) gather.
+                first = loaded.order[i : i + end_mine - first_mine] * T
+                rows.append(loaded.tokens[first[:, None] + offsets])
+            done += take
             window += take
         buf = torch.from_numpy((np.concatenate(rows) if len(rows) != 1 else rows[0]).astype(np.int64))
         self._epoch, self._window = epoch, window
@@ -267,23 +289,30 @@ class TokenStream:
 
     # --- resume ------------------------------------------------------------------------------------
     def _layout(self) -> dict:
-        return {
+        """What a state must have been saved with to be loaded here."""
+        layout = {
             "split": self.split,
             "seq_len": self.seq_len,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shuffle_block_shards": self.shuffle_block_shards,
-            "dp_rank": self.dp_rank,
-            "dp_world_size": self.dp_world_size,
             "fingerprint": self.fingerprint,
         }
+        if self.shuffle:  # a global window cursor: valid at any dp layout and micro-batch size
+            return layout
+        return {**layout, "dp_rank": self.dp_rank, "dp_world_size": self.dp_world_size}
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position right after the last batch returned."""
+        """JSON-serialisable position right after the last batch returned.
+
+        shuffle=True: the same on every dp rank (the global window cursor).
+        """
         state = {
             "version": STATE_VERSION,
+            # Informative for shuffle=True (positions are global windows), checked for shuffle=False via _layout.
+            "dp_world_size": self.dp_world_size,
+            "micro_batch_size": self.micro_batch_size,
             **self._layout(),
-            "micro_batch_size": self.micro_batch_size,  # informative: positions are in tokens or windows
             "epoch": self._epoch,
         }
         if self.shuffle:
@@ -297,7 +326,11 @@ class TokenStream:
         return {**state, "shard_pos": self._shard_pos, "sample": sample, "offset_in_sample": offset}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(); it must come from the same split, seq_len, seed, shuffle and dp layout."""
+        """Continue from a state_dict() of the same split, seq_len, seed, shuffle, block size and data.
+
+        shuffle=True: from any dp layout and micro-batch size (the global sequence continues);
+        shuffle=False: from the same dp_rank and dp_world_size.
+        """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"TokenStream state version {state.get('version')!r}, expected {STATE_VERSION}")
         for key, mine in self._layout().items():

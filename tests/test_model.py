@@ -94,7 +94,7 @@ def test_changing_a_token_leaves_earlier_logits_unchanged(attention):
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % VOCAB
     with torch.no_grad():
-        before, after = model(idx), model(changed)
+        before, after = model(idx)[..., :VOCAB], model(changed)[..., :VOCAB]
     torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
     # The change must be visible from position t on, or the test above proves nothing.
     assert (after[:, t:] - before[:, t:]).abs().amax(dim=-1).min() > 1e-4
@@ -104,8 +104,8 @@ def test_initial_loss_is_close_to_uniform():
     model = build()
     with torch.no_grad():
         loss = model(random_tokens(4, 32, seed=1), random_tokens(4, 32, seed=2))
-    # Small init makes the logits nearly equal, so cross entropy starts near ln(V) over the padded V.
-    assert abs(loss.item() - math.log(PADDED_VOCAB)) < 0.3
+    # Small init makes the logits nearly equal, so cross entropy starts near ln(V); padding is masked.
+    assert abs(loss.item() - math.log(VOCAB)) < 0.3
 
 
 def test_gpt2_initialisation():
@@ -182,11 +182,19 @@ def test_output_layer_is_tied_to_the_token_embedding():
     assert [name for name, _ in model.head.named_parameters()] == ["ln_f.weight", "ln_f.bias"]
 
     # Feed only tokens 0..9: rows 10.. are never looked up, so any gradient they get comes from the
-    # output layer (padded rows included: softmax pushes their logits down).
+    # output layer; padding rows are masked out of the softmax and get none.
     idx = torch.randint(0, 10, (2, 16), generator=torch.Generator().manual_seed(6))
     model(idx, idx.roll(-1, dims=1)).backward()
     assert table.grad is not None
-    assert torch.all(table.grad[10:].abs().sum(dim=-1) > 0)
+    assert torch.all(table.grad[10:VOCAB].abs().sum(dim=-1) > 0)
+    assert torch.all(table.grad[VOCAB:] == 0)
+
+
+def test_padding_logits_are_masked():
+    model = build().eval()
+    with torch.no_grad():
+        logits = model(random_tokens(2, 8))
+    assert torch.isneginf(logits[..., VOCAB:]).all() and torch.isfinite(logits[..., :VOCAB]).all()
 
 
 def test_overfits_one_batch_with_plain_adamw():
@@ -201,7 +209,7 @@ def test_overfits_one_batch_with_plain_adamw():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[0] == pytest.approx(math.log(PADDED_VOCAB), abs=0.3)
+    assert losses[0] == pytest.approx(math.log(VOCAB), abs=0.3)
     # Random targets are memorisable only by overfitting: from ~4.85 nats to well under 1.
     assert losses[-1] < 1.0, losses
     assert all(math.isfinite(x) for x in losses)

@@ -1,16 +1,17 @@
-"""Checkpoints: written atomically, the last K kept, loaded without ever unpickling code.
+"""Checkpoints: layout-independent, written atomically, the last K kept, loaded without running code.
 
 Layout of one checkpoint, `<run_dir>/checkpoints/step_00000200/`:
-    model-tp00-pp00.safetensors   weights of one (tp, pp) shard, written by its dp-rank-0 process
-    optim-rank00000.pt            optimizer + LR scheduler state of one rank (tensors and plain values)
+    model-tp00-pp00.safetensors   full fp32 weights of one (tp, pp) shard, single-process parameter names
+    optim-tp00-pp00.safetensors   its Adam moments (`exp_avg/<name>`, `exp_avg_sq/<name>`)
+    shard-tp00-pp00.json          the dimension each parameter is split along over tp; the Adam step
     rng-rank00000.pt              the random generators of one rank
-    data-dp00000.json             the data stream position of one data-parallel replica
+    data.json                     the data stream position (the same on every rank)
     trainer_state.json            step, tokens seen, the layout and the config that produced it
-Everything is written into `step_00000200.tmp/` and renamed when complete, so a crash mid-save
-leaves the previous checkpoints untouched and no half-written one under a final name.
+Weights and moments are gathered over ZeRO partitions and named as the single-process GPT names them,
+so a checkpoint saved at one (tp, pp, dp, ZeRO) layout loads at any other. Everything is written into
+`step_00000200.tmp/` and renamed when complete, so a crash mid-save leaves the previous checkpoints
+untouched and no half-written one under a final name.
 """
-
-from __future__ import annotations
 
 import json
 import logging
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from trainer.parallel.topology import Topology
@@ -84,18 +84,26 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def _rank_files(topo: Topology) -> dict[str, str]:
-    return {
-        "model": f"model-tp{topo.tp_rank:02d}-pp{topo.pp_rank:02d}.safetensors",
-        "optim": f"optim-rank{topo.rank:05d}.pt",
-        "rng": f"rng-rank{topo.rank:05d}.pt",
-        "data": f"data-dp{topo.dp_rank:05d}.json",
-    }
+def _shard_files(tp_rank: int, pp_rank: int) -> dict[str, str]:
+    tag = f"tp{tp_rank:02d}-pp{pp_rank:02d}"
+    return {"model": f"model-{tag}.safetensors", "optim": f"optim-{tag}.safetensors", "meta": f"shard-{tag}.json"}
 
 
-def tensor_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's tensors, contiguous and on the CPU (megatron's empty `_extra_state` entries dropped)."""
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+DATA_FILE = "data.json"
+
+
+@dataclass
+class ShardState:
+    """One (tp, pp) shard's full-over-dp tensors, as `trainer.sharded_state.gather_full_state` returns them."""
+
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, torch.Tensor]
+    partition_dims: dict[str, int | None]
+    adam_step: int
 
 
 def _rng_state() -> dict[str, Any]:
@@ -127,28 +135,24 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    root: Path,
-    state: TrainerState,
-    model: nn.Module,
-    optimizer_state: dict,
-    data_state: dict,
-    topo: Topology,
-    keep_last: int,
+    root: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology, keep_last: int
 ) -> Path:
-    """Write one checkpoint for every rank, then publish it with a rename and prune old ones."""
+    """Write one checkpoint from every rank, then publish it with a rename and prune old ones."""
     final = root / step_dir_name(state.step)
     staging = root / (final.name + ".tmp")
     if topo.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    files = _rank_files(topo)
-    if topo.dp_rank == 0:
-        save_file(tensor_state_dict(model), str(staging / files["model"]))
-    torch.save(optimizer_state, staging / files["optim"])
-    torch.save(_rng_state(), staging / files["rng"])
-    if topo.tp_rank == 0 and topo.pp_rank == 0:
-        _write_json_atomic(staging / files["data"], data_state)
+    if topo.dp_rank == 0:  # every dp replica holds the same full values
+        files = _shard_files(topo.tp_rank, topo.pp_rank)
+        save_file(shard.weights, str(staging / files["model"]))
+        save_file(shard.moments, str(staging / files["optim"]))
+        _write_json_atomic(staging / files["meta"], {"partition_dims": shard.partition_dims,
+                                                     "adam_step": shard.adam_step})
+    torch.save(_rng_state(), staging / _rng_file(topo.rank))
+    if topo.is_main:
+        _write_json_atomic(staging / DATA_FILE, data_state)
     _barrier()
     if topo.is_main:
         # The state file goes last: its presence marks a checkpoint as complete.
@@ -186,21 +190,50 @@ def load_trainer_state(path: Path) -> TrainerState:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint state ({err})") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, topo: Topology) -> tuple[dict, dict]:
-    """Load this rank's weights and RNG into place; return (optimizer_state, data_state)."""
-    files = _rank_files(topo)
-    for name in files.values():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name} for {topo.describe()} (saved with another layout?)")
-    weights = _read(path / files["model"], lambda f: load_file(str(f)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path / files['model']}: missing keys {missing}, unexpected keys {unexpected}")
-    optimizer_state = _read(path / files["optim"], _load_tensors)
-    _set_rng_state(_read(path / files["rng"], _load_tensors))
-    data_state = _read(path / files["data"], lambda f: json.loads(f.read_text()))
-    return optimizer_state, data_state
+class CheckpointReader:
+    """Full tensors by single-process name, assembled from the saved (tp, pp) shards of any layout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = load_trainer_state(path)
+        self.saved_tp = int(self.state.layout["tp"])
+        saved_pp = int(self.state.layout["pp"])
+        self._owner: dict[str, int] = {}  # name -> the pp rank whose files hold it
+        self._dims: dict[str, int | None] = {}
+        self.adam_step = 0
+        for pp_rank in range(saved_pp):
+            meta = _read(path / _shard_files(0, pp_rank)["meta"], lambda f: json.loads(f.read_text()))
+            self.adam_step = int(meta["adam_step"])
+            for name, dim in meta["partition_dims"].items():
+                self._owner.setdefault(name, pp_rank)
+                self._dims[name] = dim
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _file(self, kind: str, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        name = _shard_files(tp_rank, pp_rank)[kind]
+        if name not in self._tensors:
+            self._tensors[name] = _read(self.path / name, lambda f: load_file(str(f)))
+        return self._tensors[name]
+
+    def read(self, key: str) -> torch.Tensor:
+        """`<name>` for a weight, `exp_avg/<name>` or `exp_avg_sq/<name>` for a moment: the full tensor."""
+        kind, name = ("optim", key.split("/", 1)[1]) if "/" in key else ("model", key)
+        if name not in self._owner:
+            raise CheckpointError(f"{self.path}: no parameter {name!r} (saved from another model?)")
+        pp_rank, dim = self._owner[name], self._dims[name]
+        shards = [self._file(kind, tp_rank, pp_rank)[key] for tp_rank in range(self.saved_tp)]
+        return shards[0] if dim is None else torch.cat(shards, dim=dim)
+
+    def data_state(self) -> dict:
+        return _read(self.path / DATA_FILE, lambda f: json.loads(f.read_text()))
+
+    def restore_rng(self, topo: Topology) -> bool:
+        """Put this rank's generators back if the layout is unchanged; False if they cannot be matched."""
+        same_layout = self.state.layout == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
+        if not same_layout:
+            return False
+        _set_rng_state(_read(self.path / _rng_file(topo.rank), _load_tensors))
+        return True
 
 
 def _load_tensors(file: Path) -> Any:
@@ -209,7 +242,9 @@ def _load_tensors(file: Path) -> Any:
 
 
 def _read(file: Path, reader: Callable[[Path], Any]) -> Any:
-    """Read one checkpoint file; a corrupt or unsafe file becomes a CheckpointError naming it."""
+    """Read one checkpoint file; a missing, corrupt or unsafe file becomes a CheckpointError naming it."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing from the checkpoint")
     try:
         return reader(file)
     except Exception as err:  # noqa: BLE001 - any decoder failure means the same thing to the user

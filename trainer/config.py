@@ -97,7 +97,15 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # ZeRO stage: 1 partitions optimizer states over dp, 2 also gradients, 3 also parameters.
     zero_stage: int = 0
+    # Keep optimizer states (and the Adam step) in CPU memory: DeepSpeed's ZeRO-Offload.
+    offload_optimizer: bool = False
+    # How pipeline stages are cut: parameters (balanced by parameter count), uniform (by layer count),
+    # or type:Block (balanced by transformer blocks).
+    pipeline_partition: str = "parameters"
+    # Megatron's sequence parallelism for LayerNorm/dropout regions; needs CUDA (megatron-core's buffers).
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "dp"):
@@ -108,6 +116,24 @@ class ParallelConfig:
             "parallel.zero_stage",
             f"DeepSpeed's pipeline engine supports ZeRO 0 or 1 only (parallel.pp={self.pp})",
             self.zero_stage,
+        )
+        _require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "parallel.offload_optimizer",
+            "needs parallel.zero_stage >= 1 (ZeRO-Offload partitions the optimizer first)",
+            self.offload_optimizer,
+        )
+        _require(
+            self.pipeline_partition in ("parameters", "uniform", "type:Block"),
+            "parallel.pipeline_partition",
+            "must be parameters, uniform or type:Block",
+            self.pipeline_partition,
+        )
+        _require(
+            not self.sequence_parallel or self.tp > 1,
+            "parallel.sequence_parallel",
+            "needs parallel.tp > 1",
+            self.sequence_parallel,
         )
 
     @property
@@ -165,6 +191,8 @@ class TrainConfig:
     run_name: str = "default"
     run_dir: str = "runs/default"
     seed: int = 1337
+    # Recompute each transformer block's activations in the backward pass instead of storing them.
+    activation_checkpointing: bool = False
     # auto: bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"
     # auto: cuda when available, else cpu.
@@ -231,6 +259,13 @@ class HardwareConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Pass-through for DeepSpeed keys this config does not model; merged last into the generated JSON."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -243,6 +278,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         seq_len = self.seq_len
@@ -257,6 +293,12 @@ class Config:
             "optim.warmup_steps",
             f"must be <= train.max_steps={self.train.max_steps}",
             self.optim.warmup_steps,
+        )
+        _require(
+            self.train.grad_accum_steps >= self.parallel.pp,
+            "train.grad_accum_steps",
+            f"the pipeline needs at least as many micro-batches as stages (parallel.pp={self.parallel.pp})",
+            self.train.grad_accum_steps,
         )
         tp = self.parallel.tp
         _require(self.model.n_head % tp == 0, "parallel.tp", f"must divide model.n_head={self.model.n_head}", tp)

@@ -1,11 +1,16 @@
 """The training engine: one optimizer step and one evaluation pass, for pretraining and fine-tuning alike.
 
-DeepSpeed does the heavy lifting (ZeRO, mixed precision, gradient accumulation and clipping); this module
-builds its config from ours and exposes the two operations the step loop needs.
+DeepSpeed does the heavy lifting (ZeRO, pipeline schedule, mixed precision, gradient accumulation and
+clipping); this module builds the model for the layout, generates DeepSpeed's config from ours, and
+exposes the two operations the step loop needs. With pp > 1 the model is a PipelineModule and DeepSpeed's
+pipeline engine runs the 1F1B schedule over the micro-batches; with pp = 1 it is the plain GPT module,
+which also allows ZeRO-2 and ZeRO-3.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,12 +19,16 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from trainer.checkpoint import CheckpointReader, ShardState
 from trainer.config import Config, ConfigError
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.model import GPT
+from trainer.optim import build_optimizer, build_scheduler, param_groups
+from trainer.parallel.pipeline import build_pipeline
 from trainer.parallel.topology import MegatronMPU, Topology
+from trainer.sharded_state import adam_step, apply_full_state, gather_full_state
 
 log = logging.getLogger(__name__)
 
@@ -37,34 +46,55 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def build_deepspeed_config(config: Config, precision: str) -> dict:
     """DeepSpeed's JSON config, generated from ours so there is one source of truth."""
-    train = config.train
+    train, parallel, optim = config.train, config.parallel, config.optim
+    zero: dict = {"stage": parallel.zero_stage}
     ds_config: dict = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * config.parallel.dp,
-        "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * parallel.dp,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if parallel.offload_optimizer:
+        # ZeRO-Offload runs Adam on the CPU with DeepSpeed's own kernel, so DeepSpeed builds the optimizer.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds_config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
+                       "weight_decay": optim.weight_decay},
+        }
     if precision == "bf16":
         # Autocast with fp32 master weights: matmuls in bf16, reductions and optimizer in fp32.
         ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         ds_config["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return ds_config
+    return _merge(ds_config, config.deepspeed.extra)
 
 
-def grad_norm(model: nn.Module) -> float:
-    """Global L2 norm of the gradients, counting tensor-parallel replicas of a parameter once."""
-    squares = torch.zeros((), dtype=torch.float32)
-    for param in model.parameters():
-        if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-            squares = squares + param.grad.detach().float().pow(2).sum().cpu()
-    for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_pipeline_model_parallel_group()):
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(squares, group=group)
-    return squares.sqrt().item()
+def _merge(base: dict, extra: dict) -> dict:
+    """`extra` merged into `base`, nested dicts key by key (deepspeed.extra wins)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
+    """The GPT for this rank: the whole model (pp = 1) or its pipeline stage (pp > 1)."""
+    if config.parallel.sequence_parallel and topo.device.type != "cuda":
+        raise ConfigError("parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel "
+                          "buffers are CUDA-only; turn it off on the CPU")
+    if config.parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true is not wired into the model yet; turn it off")
+    if topo.pp > 1:
+        return build_pipeline(config, vocab_size, topo)
+    return GPT(config.model, config.kernels, vocab_size, config.train.seed,
+               activation_checkpointing=config.train.activation_checkpointing)
 
 
 @dataclass
@@ -82,16 +112,31 @@ class Engine:
     def __init__(self, model: nn.Module, config: Config, topo: Topology):
         self.config = config
         self.topo = topo
+        self.pipeline = topo.pp > 1
         self.precision = resolve_precision(config.train.precision, topo.device)
-        self.optimizer = build_optimizer(model, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.max_steps)
-        self.ds, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=self.optimizer,
-            lr_scheduler=self.scheduler,
-            config=build_deepspeed_config(config, self.precision),
-            mpu=MegatronMPU(),
+        ds_config = build_deepspeed_config(config, self.precision)
+        schedule = functools.partial(build_scheduler, cfg=config.optim, max_steps=config.train.max_steps)
+        if config.parallel.offload_optimizer:
+            optimizer, params = None, param_groups(model, config.optim.weight_decay)
+        else:
+            optimizer, params = build_optimizer(model, config.optim), None
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=schedule,
+            config=ds_config, mpu=None if self.pipeline else MegatronMPU(),
         )
+        self._last_grad_norm: float | None = None
+        self._record_fp32_grad_norm()
+
+    def _record_fp32_grad_norm(self) -> None:
+        # In fp32 without ZeRO, DeepSpeed clips with a norm it computes and then drops; keep it for the
+        # logs (ZeRO and the mixed-precision optimizers report theirs through get_global_grad_norm).
+        engine = self.ds
+
+        def clip_and_record() -> None:
+            norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
+            self._last_grad_norm = float(norm)
+
+        engine.clip_fp32_gradients = clip_and_record
 
     @property
     def module(self) -> nn.Module:
@@ -99,35 +144,37 @@ class Engine:
 
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
         """One optimizer step over `grad_accum_steps` micro-batches; the loss is averaged over dp."""
+        self._last_grad_norm = None
+        if self.pipeline:
+            # The pipeline engine pulls its micro-batches itself and returns their mean loss.
+            loss = self.ds.train_batch(data_iter=batches).detach().float()
+        else:
+            loss = self._accumulate(batches)
+        tracked = self.ds.get_global_grad_norm()
+        norm = float(tracked) if tracked is not None else self._last_grad_norm
+        return StepResult(
+            loss=self._mean_over_data_parallel(loss),
+            grad_norm=float("nan") if norm is None else norm,
+            lr=self.scheduler.get_last_lr()[0],
+        )
+
+    def _accumulate(self, batches: Iterator[Batch]) -> torch.Tensor:
         losses = []
-        norm = None
         for _ in range(self.config.train.grad_accum_steps):
             inputs, targets = (t.to(self.topo.device, non_blocking=True) for t in next(batches))
             loss = self.ds(inputs, targets)
             # DeepSpeed divides by the accumulation count, so summed gradients are a mean.
             self.ds.backward(loss)
-            if self.ds.is_gradient_accumulation_boundary():
-                norm = self._grad_norm_before_step()
             self.ds.step()
             losses.append(loss.detach().float())
-        tracked = self.ds.get_global_grad_norm()
-        if tracked is not None:
-            norm = float(tracked)
-        return StepResult(
-            loss=self._mean_over_data_parallel(torch.stack(losses).mean()),
-            grad_norm=float("nan") if norm is None else norm,
-            lr=self.scheduler.get_last_lr()[0],
-        )
-
-    def _grad_norm_before_step(self) -> float | None:
-        # ZeRO and the mixed-precision optimizers report the norm themselves; plain fp32 does not.
-        if self.config.parallel.zero_stage > 0 or self.precision == "fp16":
-            return None
-        return grad_norm(self.ds.module)
+        return torch.stack(losses).mean()
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
         """Mean loss over the given batches (the same ones every time), averaged over dp."""
+        if self.pipeline:
+            loss = self.ds.eval_batch(data_iter=itertools.cycle(batches), num_micro_batches=len(batches))
+            return self._mean_over_data_parallel(loss.detach().float())
         self.ds.eval()
         total = torch.zeros((), dtype=torch.float32)
         for inputs, targets in batches:
@@ -135,17 +182,23 @@ class Engine:
         self.ds.train()
         return self._mean_over_data_parallel(total / max(1, len(batches)))
 
+    def shard_state(self) -> ShardState:
+        """This rank's tp/pp shard of weights and Adam moments, full over dp. Collective: call on all ranks."""
+        n_layer = self.config.model.n_layer
+        weights, moments, dims = gather_full_state(self.ds, n_layer, self.pipeline)
+        return ShardState(weights, moments, dims, adam_step(self.ds))
+
+    def load_full_state(self, reader: CheckpointReader) -> None:
+        """Load weights and Adam moments saved at any layout into this rank's shard."""
+        apply_full_state(self.ds, self.config.model.n_layer, self.pipeline, reader.read,
+                         self.topo.tp_rank, self.topo.tp, reader.adam_step)
+        # The LR is a function of the step: move the schedule to where the checkpoint left it.
+        self.scheduler.last_epoch = reader.state.step - 1
+        self.scheduler.step()
+
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
         value = value.detach().float().to(self.topo.device)
         if self.topo.dp > 1:
             dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
             value /= self.topo.dp
         return value.item()
-
-    def optimizer_state(self) -> dict:
-        """Optimizer and scheduler state, tensors and plain values only (loadable with weights_only)."""
-        return {"optimizer": self.ds.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_optimizer_state(self, state: dict) -> None:
-        self.ds.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])

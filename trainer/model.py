@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -34,11 +35,11 @@ def _normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
-def _parallel_config(tp: int) -> ModelParallelConfig:
+def _parallel_config() -> ModelParallelConfig:
     # Weights are initialised on the CPU as one master tensor and then sliced, so every layout
     # starts from identical numbers; fused CUDA-only paths stay off so CPU and GPU share code.
     return ModelParallelConfig(
-        tensor_model_parallel_size=tp,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         use_cpu_initialization=True,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
@@ -117,12 +118,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, seed: int, layer_index: int):
         super().__init__()
-        self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
-        self.attn = CausalSelfAttention(cfg, kernels, mp)
-        self.ln_mlp = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
-        self.mlp = MLP(cfg, mp)
+        mp = _parallel_config()
+        with _seeded(seed, layer_index + 1):
+            self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+            self.attn = CausalSelfAttention(cfg, kernels, mp)
+            self.ln_mlp = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+            self.mlp = MLP(cfg, mp)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,38 +134,72 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token embedding (vocab split over tp ranks) plus learned positions; also the tied output layer."""
+    """Token embedding (vocab split over tp ranks) plus learned positions; also the tied output layer.
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+    `forward(idx)` embeds; `forward(h, output_layer=True)` returns this rank's slice of the vocabulary
+    logits, (B, T, V/tp). Both go through the module call, so ZeRO-3 gathers the shared table either way.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int):
         super().__init__()
-        self.tokens = tensor_parallel.VocabParallelEmbedding(
-            vocab_size, cfg.n_embd, init_method=_normal_init(cfg.init_std), config=mp
-        )
-        self.positions = nn.Embedding(cfg.block_size, cfg.n_embd)
-        nn.init.normal_(self.positions.weight, mean=0.0, std=cfg.init_std)
+        self.tokens = _token_table(cfg, vocab_size, seed)
+        with _seeded(seed, 0):
+            self.positions = nn.Embedding(cfg.block_size, cfg.n_embd)
+            nn.init.normal_(self.positions.weight, mean=0.0, std=cfg.init_std)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        return self.dropout(self.tokens(idx) + self.positions(positions))  # (B, T, C)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the vocabulary logits, (B, T, V/tp), from the tied token table."""
-        h = tensor_parallel.copy_to_tensor_model_parallel_region(h)
-        return F.linear(h, self.tokens.weight)
+    def forward(self, x: torch.Tensor, output_layer: bool = False) -> torch.Tensor:
+        if output_layer:
+            return _tied_logits(x, self.tokens)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.dropout(self.tokens(x) + self.positions(positions))  # (B, T, C)
 
 
-class Head(nn.Module):
-    """Final LayerNorm and the output projection tied to the token embedding."""
+class OutputLayer(nn.Module):
+    """The last pipeline stage's copy of the token table, used as the output projection.
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, embedding: Embedding):
+    Built from the same seed as `Embedding.tokens`, and kept equal to it by the pipeline engine, which
+    ties the two `tokens.weight` tensors and sums their gradients.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int):
         super().__init__()
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
-        # A plain attribute, not a submodule: the weight is owned (and saved) by the embedding.
-        self._embedding = [embedding]
+        self.tokens = _token_table(cfg, vocab_size, seed)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self._embedding[0].logits(self.ln_f(h))
+        return _tied_logits(h, self.tokens)
+
+
+def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> tensor_parallel.VocabParallelEmbedding:
+    """The vocab-parallel token table, padded; rows past `vocab_size` are padding."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
+    with _seeded(seed, 0):  # drawn first under seed 0, so the embedding and output copies agree
+        table = tensor_parallel.VocabParallelEmbedding(
+            padded, cfg.n_embd, init_method=_normal_init(cfg.init_std), config=_parallel_config()
+        )
+    # Logits of padding rows are masked, so the padding (which depends on tp) never changes the model.
+    local_start = table.vocab_start_index
+    local_ids = torch.arange(local_start, local_start + table.num_embeddings_per_partition)
+    table.register_buffer("padding_mask", local_ids >= vocab_size, persistent=False)
+    return table
+
+
+def _tied_logits(h: torch.Tensor, table: tensor_parallel.VocabParallelEmbedding) -> torch.Tensor:
+    """This rank's slice of the vocabulary logits, (B, T, V/tp): h @ table^T, with h's gradient all-reduced."""
+    logits = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h), table.weight)
+    return logits.masked_fill(table.padding_mask, float("-inf"))
+
+
+class FinalNorm(nn.Module):
+    """The LayerNorm after the last block."""
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig):
+        super().__init__()
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(h)
 
 
 def language_model_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -172,30 +209,32 @@ def language_model_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tens
 
 
 class GPT(nn.Module):
-    """The decoder-only language model; `forward(idx, targets)` returns the loss, or logits without targets."""
+    """The decoder-only language model; `forward(idx, targets)` returns the loss, or logits without targets.
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, vocab_size: int, seed: int):
+    The layers are the ones `build_pipeline` hands to DeepSpeed's PipelineModule, in the same order:
+    embedding, blocks, final norm, tied output layer (here the embedding's own table). Each layer seeds its own initialisation, so it
+    starts identical whatever pipeline stage or tensor-parallel rank builds it.
+    """
+
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, vocab_size: int, seed: int,
+                 activation_checkpointing: bool = False):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        mp = _parallel_config(tp)
         self.config = cfg
         self.vocab_size = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
-        # Each layer draws its initial weights from its own seed, so a layer starts identical whatever
-        # pipeline stage or tensor-parallel rank builds it.
-        with _seeded(seed, 0):
-            self.embedding = Embedding(cfg, self.vocab_size, mp)
-        blocks = []
-        for index in range(cfg.n_layer):
-            with _seeded(seed, index + 1):
-                blocks.append(Block(cfg, kernels, mp))
-        self.blocks = nn.ModuleList(blocks)
-        self.head = Head(cfg, kernels, self.embedding)
+        self.activation_checkpointing = activation_checkpointing
+        self.embedding = Embedding(cfg, vocab_size, seed)
+        self.blocks = nn.ModuleList(Block(cfg, kernels, seed, i) for i in range(cfg.n_layer))
+        self.head = FinalNorm(cfg, kernels)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embedding(idx)
         for block in self.blocks:
-            h = block(h)
-        logits = self.head(h)
+            if self.activation_checkpointing and self.training:
+                h = checkpoint_block(block, h)
+            else:
+                h = block(h)
+        logits = self.embedding(self.head(h), output_layer=True)
         if targets is None:
             return logits
         return language_model_loss(logits, targets)
@@ -203,6 +242,11 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Parameters held by this rank (the tied output layer counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def checkpoint_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Run a block without keeping its activations; the backward pass recomputes them (RNG replayed)."""
+    return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
 
 
 @contextmanager

@@ -18,18 +18,17 @@ from data_pipeline.prepare import ensure_prepared, load_index
 from data_pipeline.stream import TokenStream, eval_batches
 from trainer.checkpoint import (
     CheckpointError,
+    CheckpointReader,
     TrainerState,
-    load_checkpoint,
-    load_trainer_state,
     resolve_resume,
     save_checkpoint,
 )
 from trainer.config import Config
 from trainer.cost import model_flops_per_token
-from trainer.engine import Engine
+from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.metrics import MetricsSink
-from trainer.model import GPT
+from trainer.model import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,20 @@ def _layout(topo: Topology) -> dict:
     return {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
 
 
+def global_parameter_count(module: torch.nn.Module, topo: Topology) -> int:
+    """Parameters of the whole model: tp shards summed, replicas (tp copies, tied pipeline copies) once."""
+    local = 0
+    for param in module.parameters():
+        replica = not getattr(param, "tensor_model_parallel", False) and topo.tp_rank != 0
+        if replica or getattr(param, "ds_pipe_replicated", False):
+            continue
+        local += getattr(param, "ds_numel", param.numel())
+    total = torch.tensor(float(local))
+    if topo.world_size > 1:
+        dist.all_reduce(total)
+    return int(total.item()) // topo.dp
+
+
 def _prepare_data(config: Config, topo: Topology) -> dict:
     """Rank 0 prepares the corpus if needed; every rank then reads the same index."""
     if topo.is_main:
@@ -70,16 +83,14 @@ def _prepare_data(config: Config, topo: Topology) -> dict:
     return load_index(config.data.prepared_dir)
 
 
-def _check_resumable(saved: TrainerState, config: Config, topo: Topology, path: Path) -> None:
-    """Refuse a checkpoint whose model or layout differs from this run, naming the differences."""
+def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
+    """Refuse a checkpoint of another model, naming the differences (the layout may differ)."""
     current = dataclasses.asdict(config.model)
     diffs = [
         f"model.{key}={saved.config['model'].get(key)!r} (this run: {value!r})"
         for key, value in current.items()
         if saved.config["model"].get(key) != value and key != "name"
     ]
-    if saved.layout != _layout(topo):
-        diffs.append(f"parallel layout {saved.layout} (this run: {_layout(topo)})")
     if diffs:
         raise CheckpointError(
             f"{path} was saved with " + "; ".join(diffs) + ". Use another train.run_name for a new run."
@@ -90,15 +101,18 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream: TokenStream,
     path = resolve_resume(config.train.resume, root)
     if path is None:
         return Progress()
-    saved = load_trainer_state(path)
-    _check_resumable(saved, config, topo, path)
-    optimizer_state, data_state = load_checkpoint(path, engine.module, topo)
-    engine.load_optimizer_state(optimizer_state)
+    reader = CheckpointReader(path)
+    saved = reader.state
+    _check_resumable(saved, config, path)
+    engine.load_full_state(reader)
+    if not reader.restore_rng(topo):
+        log.info("resuming at layout %s from %s: random generators start fresh", _layout(topo), saved.layout)
     try:
-        stream.load_state_dict(data_state)
+        stream.load_state_dict(reader.data_state())
     except ValueError as err:
         raise CheckpointError(f"{path}: its data position does not fit this run's data ({err})") from None
-    log.info("resumed from %s (step %d, %s tokens seen)", path, saved.step, f"{saved.tokens_seen:,}")
+    log.info("resumed from %s (step %d, %s tokens seen, saved at layout %s)", path, saved.step,
+             f"{saved.tokens_seen:,}", saved.layout)
     return Progress(step=saved.step, tokens_seen=saved.tokens_seen)
 
 
@@ -111,8 +125,7 @@ def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream: To
             config=dataclasses.asdict(config),
         )
         path = save_checkpoint(
-            root, state, engine.module, engine.optimizer_state(), stream.state_dict(), topo,
-            config.train.keep_last_checkpoints,
+            root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints
         )
         log.info("checkpoint saved: %s", path)
         return path
@@ -134,7 +147,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     index = _prepare_data(config, topo)
-    model = GPT(config.model, config.kernels, vocab_size=index["vocab_size"], seed=config.train.seed)
+    model = build_model(config, index["vocab_size"], topo)
     engine = Engine(model, config, topo)
     stream = TokenStream(
         config.data.prepared_dir, "train", config.seq_len, config.train.micro_batch_size,
@@ -146,16 +159,18 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     root = run_dir / "checkpoints"
     progress = _resume(config, topo, engine, stream, root)
     save = _checkpoint_saver(config, topo, engine, stream, root)
-    flops_per_token = model_flops_per_token(config.model, model.vocab_size, config.seq_len)
+    padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
+    flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
+    num_parameters = global_parameter_count(engine.module, topo)
     sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main)
     log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
-             f"{model.num_parameters():,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
+             f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
         result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token)
         checkpoint = save(progress)
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
             result.val_losses[progress.step] = engine.evaluate(val)
-        summary = _summarise(progress, result, index, checkpoint, flops_per_token, model)
+        summary = _summarise(progress, result, index, checkpoint, flops_per_token, num_parameters)
         sink.summary({k: v for k, v in dataclasses.asdict(summary).items() if not isinstance(v, dict)})
     finally:
         sink.close()
@@ -164,7 +179,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
 
 
 def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: Path,
-               flops_per_token: float, model: GPT) -> RunSummary:
+               flops_per_token: float, num_parameters: int) -> RunSummary:
     last_train = result.train_losses[max(result.train_losses)] if result.train_losses else float("nan")
     return RunSummary(
         final_step=progress.step,
@@ -176,7 +191,7 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
         tokens_trained=result.tokens_trained,
         flops=result.tokens_trained * flops_per_token,
         train_seconds=result.train_seconds,
-        num_parameters=model.num_parameters(),
+        num_parameters=num_parameters,
         train_losses=result.train_losses,
         val_losses=result.val_losses,
     )

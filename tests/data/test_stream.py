@@ -1,4 +1,4 @@
-"""TokenStream: packing, block-shuffled windows, shapes, data-parallel sharding and exact resume."""
+"""TokenStream: packing, block-shuffled windows, shapes, data-parallel slicing and exact resume."""
 
 from __future__ import annotations
 
@@ -31,13 +31,10 @@ def _rows(batches) -> np.ndarray:
     return np.concatenate([torch.cat([x, y[:, -1:]], dim=1).numpy() for x, y in batches])
 
 
-def _reference_blocks(
-    cfg, index, epoch, seed=11, seq_len=16, shuffle_block_shards=4, dp_rank=0, dp_world_size=1
-):
-    """Per block of the rank's epoch: its sequential windows (n, T + 1), built independently of TokenStream."""
+def _reference_blocks(cfg, index, epoch, seed=11, seq_len=16, shuffle_block_shards=4):
+    """Per block of the epoch: its sequential windows (n, T + 1), built independently of TokenStream."""
     files = [s["file"] for s in index["splits"]["train"]["shards"]]
     random.Random(seed + epoch).shuffle(files)
-    files = files[dp_rank::dp_world_size]
     blocks = []
     for i in range(0, len(files), shuffle_block_shards):
         tokens = _packed_tokens(cfg, index, "train", files[i : i + shuffle_block_shards])
@@ -80,14 +77,10 @@ def test_shapes_dtypes_and_shift(tiny_prepared, shuffle):
         prev = targets
 
 
-@pytest.mark.parametrize(
-    "block_shards, dp_rank, dp_world_size", [(4, 0, 1), (3, 0, 1), (1, 0, 1), (2, 1, 2), (10, 0, 1)]
-)
-def test_shuffled_epoch_is_a_permutation_of_each_blocks_windows(
-    tiny_prepared, block_shards, dp_rank, dp_world_size
-):
+@pytest.mark.parametrize("block_shards", [4, 3, 1, 2, 10])
+def test_shuffled_epoch_is_a_permutation_of_each_blocks_windows(tiny_prepared, block_shards):
     cfg, index = tiny_prepared
-    kw = dict(shuffle_block_shards=block_shards, dp_rank=dp_rank, dp_world_size=dp_world_size)
+    kw = dict(shuffle_block_shards=block_shards)
     for epoch in range(2):
         blocks = _reference_blocks(cfg, index, epoch, **kw)
         rows = _epoch_rows(cfg, epoch, **kw)
@@ -147,34 +140,127 @@ def test_packs_documents_across_boundaries(tiny_prepared):
     assert (inputs == index["eot_id"]).sum() > 5  # many documents packed into the batches
 
 
-def test_dp_ranks_get_disjoint_shards(tiny_prepared):
+def test_unshuffled_dp_ranks_get_disjoint_shards(tiny_prepared):
     cfg, index = tiny_prepared
     files = [s["file"] for s in index["splits"]["train"]["shards"]]
-    ranks = [_stream(cfg, dp_rank=r, dp_world_size=3) for r in range(3)]
-    for epoch in range(4):
-        per_rank = [set(s._epoch_shards(epoch)) for s in ranks]
-        assert set().union(*per_rank) == set(files)
-        assert sum(len(p) for p in per_rank) == len(files)
-    orders = {tuple(ranks[0]._epoch_shards(e)) for e in range(6)}
-    assert len(orders) > 1, "shard order should change between epochs"
+    ranks = [_stream(cfg, dp_rank=r, dp_world_size=3, shuffle=False) for r in range(3)]
+    per_rank = [ranks[r]._epoch_shards(0) for r in range(3)]
+    assert per_rank == [files[r::3] for r in range(3)]
     # The tokens a rank streams are exactly its shards' tokens.
     for r in range(2):
         stream = _stream(cfg, seq_len=8, batch=2, dp_rank=r, dp_world_size=2, loop=False, shuffle=False)
         got = torch.cat([x.reshape(-1) for x, _ in stream]).numpy()
         np.testing.assert_array_equal(got, _packed_tokens(cfg, index, "train", files[r::2])[: got.size])
-    # Shuffled: in each epoch the ranks' windows are cut from disjoint shards and together cover the split.
-    for epoch in range(2):
-        per_rank = [_epoch_rows(cfg, epoch, dp_rank=r, dp_world_size=2) for r in range(2)]
-        for r in range(2):
-            ref = np.concatenate(_reference_blocks(cfg, index, epoch, dp_rank=r, dp_world_size=2))
-            np.testing.assert_array_equal(_sorted_rows(per_rank[r]), _sorted_rows(ref))
 
 
-def test_more_ranks_than_shards_is_an_error(tiny_prepared):
+def test_shuffled_shard_order_is_global_and_changes_per_epoch(tiny_prepared):
+    cfg, index = tiny_prepared
+    files = [s["file"] for s in index["splits"]["train"]["shards"]]
+    ranks = [_stream(cfg, dp_rank=r, dp_world_size=3) for r in range(3)]
+    for epoch in range(4):
+        orders = [s._epoch_shards(epoch) for s in ranks]
+        assert orders[0] == orders[1] == orders[2] == _stream(cfg)._epoch_shards(epoch)  # no dp split
+        assert sorted(orders[0]) == sorted(files)
+    assert len({tuple(ranks[0]._epoch_shards(e)) for e in range(6)}) > 1, "order should change per epoch"
+
+
+def _cat(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+@pytest.mark.parametrize("dp, batch, block_shards", [(2, 4, 4), (3, 3, 2), (3, 5, 1)])
+def test_dp_ranks_slice_the_global_micro_batch(tiny_prepared, dp, batch, block_shards):
+    # Rank r's batch k is rows [r*B, (r+1)*B) of the dp=1 stream's batch k of dp*B rows, across block and
+    # epoch boundaries: the same global sample order at any dp size.
+    cfg, _ = tiny_prepared
+    kw = dict(shuffle_block_shards=block_shards)
+    single = _stream(cfg, batch=dp * batch, **kw)
+    ranks = [_stream(cfg, batch=batch, dp_rank=r, dp_world_size=dp, **kw) for r in range(dp)]
+    n_epoch = single._layout_of(0).n_windows
+    n_steps = 2 * n_epoch // (dp * batch) + 2  # into the third epoch
+    crossed = {"epoch": 0, "block": 0}
+    prev = single.state_dict()
+    for k in range(n_steps):
+        want = next(single)
+        got = [next(s) for s in ranks]
+        for x, y in got:
+            assert x.shape == y.shape == (batch, 16)
+        cat = _cat(got)
+        assert torch.equal(cat[0], want[0]) and torch.equal(cat[1], want[1]), f"global micro-step {k}"
+        state = single.state_dict()
+        assert all(s.state_dict() == {**state, "dp_world_size": dp, "micro_batch_size": batch} for s in ranks)
+        first_window = single._layout_of(prev["epoch"]).first_window
+        crossed["epoch"] += state["epoch"] != prev["epoch"]
+        crossed["block"] += state["epoch"] == prev["epoch"] and bool(
+            np.searchsorted(first_window, prev["window"], side="right")
+            != np.searchsorted(first_window, state["window"], side="right")
+        )
+        prev = state
+    assert crossed["epoch"] >= 2 and crossed["block"] >= 3
+    # The ranks' windows in an epoch are disjoint and together are the epoch (up to a partial last step).
+    rows = [
+        _rows(list(_stream(cfg, batch=batch, dp_rank=r, dp_world_size=dp, loop=False, **kw)))
+        for r in range(dp)
+    ]
+    n = (n_epoch // (dp * batch)) * dp * batch
+    everything = _epoch_rows(cfg, 0, **kw)[:n]
+    np.testing.assert_array_equal(_sorted_rows(np.concatenate(rows)), _sorted_rows(everything))
+    # loop=False: the same number of whole global micro-steps on every rank, as the dp=1 stream's batches.
+    assert all(len(r) == n // dp for r in rows)
+    assert len(list(_stream(cfg, batch=dp * batch, loop=False, **kw))) == n // (dp * batch)
+
+
+def test_dp_rank_loads_only_the_blocks_it_reads(tiny_prepared):
+    cfg, _ = tiny_prepared
+    kw = dict(shuffle_block_shards=1, dp_world_size=2)
+    probe = _stream(cfg, **kw)
+    first_window = probe._layout_of(0).first_window
+    n0 = int(first_window[1])  # with batch n0, rank 0's first batch is block 0, rank 1's starts block 1
+    assert 0 < n0 < first_window[2] - n0
+    ranks = [_stream(cfg, batch=n0, dp_rank=r, **kw) for r in range(2)]
+    for s in ranks:
+        next(s)
+    assert list(ranks[0]._blocks) == [(0, 0)]
+    assert list(ranks[1]._blocks) == [(0, 1)]
+    assert ranks[0].state_dict()["window"] == ranks[1].state_dict()["window"] == 2 * n0
+
+
+@pytest.mark.parametrize("k", [0, 13, 97])
+def test_shuffled_resume_at_another_dp_size_and_batch_size(tiny_prepared, k):
+    cfg, _ = tiny_prepared
+    single = _stream(cfg, batch=8)
+    list(islice(single, k))
+    state = json.loads(json.dumps(single.state_dict()))
+    continued = list(islice(single, 110 - k))  # into epoch 1 (an epoch is ~100 batches of 8)
+    # As two dp=2, B=4 ranks: rank 0's batch j then rank 1's batch j is the dp=1 stream's batch j, row for row.
+    ranks = [_resumed(cfg, state, batch=4, dp_rank=r, dp_world_size=2) for r in range(2)]
+    for j, want in enumerate(continued):
+        got = _cat([next(s) for s in ranks])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"batch {j} after resume"
+    assert ranks[0].state_dict() == {**single.state_dict(), "dp_world_size": 2, "micro_batch_size": 4}
+    assert single.state_dict()["epoch"] == 1
+    # And back to dp=1 at yet another batch size (dp=3, B=2 saved, dp=1, B=5 resumed): the same windows.
+    flat = _rows(continued)
+    third = _resumed(cfg, state, batch=2, dp_rank=1, dp_world_size=3)
+    steps = [next(third) for _ in range(3)]
+    np.testing.assert_array_equal(
+        _rows(steps), np.concatenate([flat[6 * j + 2 : 6 * j + 4] for j in range(3)])
+    )
+    again = _resumed(cfg, third.state_dict(), batch=5)
+    np.testing.assert_array_equal(_rows(islice(again, 4)), flat[18:38])
+
+
+def test_more_ranks_than_shards_is_an_error_only_unshuffled(tiny_prepared):
     cfg, index = tiny_prepared
     n = len(index["splits"]["val"]["shards"])
     with pytest.raises(ValueError, match=f"{n} shards, fewer than dp_world_size={n + 1}"):
-        _stream(cfg, split="val", dp_rank=0, dp_world_size=n + 1)
+        _stream(cfg, split="val", dp_rank=0, dp_world_size=n + 1, shuffle=False)
+    # Shuffled, ranks slice windows, not shards: any dp size works.
+    single = next(_stream(cfg, split="val", batch=n + 1))
+    got = _cat(
+        [next(_stream(cfg, split="val", batch=1, dp_rank=r, dp_world_size=n + 1)) for r in range(n + 1)]
+    )
+    assert torch.equal(got[0], single[0]) and torch.equal(got[1], single[1])
 
 
 @pytest.mark.parametrize(
@@ -298,23 +384,29 @@ def test_state_dict_is_json_and_validated(tiny_prepared):
         (dict(split="val"), "split"),
         (dict(seq_len=32), "seq_len"),
         (dict(seed=12), "seed"),
-        (dict(dp_rank=1, dp_world_size=2), "dp_rank"),
         (dict(shuffle_block_shards=2), "shuffle_block_shards"),
         (dict(shuffle=False), "shuffle"),
     ]:
         with pytest.raises(ValueError, match=f"saved with {key}="):
             _stream(cfg, **kw).load_state_dict(state)
+    with pytest.raises(ValueError, match="fingerprint="):
+        _stream(cfg).load_state_dict({**state, "fingerprint": "other"})
+    # The dp layout and micro-batch size are not part of a shuffled stream's position.
+    _stream(cfg, batch=5, dp_rank=1, dp_world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="window="):
         _stream(cfg).load_state_dict({**state, "window": 10_000})
     with pytest.raises(ValueError, match="version"):
         _stream(cfg).load_state_dict({})
     with pytest.raises(ValueError, match="version"):
-        _stream(cfg).load_state_dict({**state, "version": 1})
+        _stream(cfg).load_state_dict({**state, "version": 2})
     sequential = _stream(cfg, shuffle=False)
     list(islice(sequential, 7))
     state = json.loads(json.dumps(sequential.state_dict()))
     with pytest.raises(ValueError, match="sample="):
         _stream(cfg, shuffle=False).load_state_dict({**state, "sample": 10_000})
+    for kw, key in [(dict(dp_rank=1, dp_world_size=2), "dp_rank"), (dict(dp_world_size=2), "dp_world_size")]:
+        with pytest.raises(ValueError, match=f"saved with {key}="):
+            _stream(cfg, shuffle=False, **kw).load_state_dict(state)
 
 
 def test_shuffled_stream_arguments_are_checked(tiny_prepared):

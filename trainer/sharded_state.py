@@ -1,0 +1,138 @@
+"""Moving weights and Adam moments between a DeepSpeed engine and layout-independent tensors.
+
+A checkpoint holds, per tensor-parallel shard, the *full* fp32 values of every parameter under the name
+the single-process GPT gives it (ZeRO partitions gathered, pipeline stage names mapped), with the
+dimension it is split along over tp. Loading concatenates the saved tp shards and slices them for the
+new tp rank, so a run can resume at any (tp, pp, dp, ZeRO stage) layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+from trainer.parallel.pipeline import canonical_name
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def named_parameters(engine, n_layer: int, pipeline: bool) -> Iterator[tuple[str, nn.Parameter]]:
+    """This rank's parameters under their single-process names."""
+    for name, param in engine.module.named_parameters():
+        yield (canonical_name(name, n_layer) if pipeline else name), param
+
+
+def partition_dim(param: nn.Parameter) -> int | None:
+    """The dimension megatron-core splits this parameter along over tp, or None if it is replicated."""
+    return int(param.partition_dim) if getattr(param, "tensor_model_parallel", False) else None
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer doing the update (ZeRO and mixed-precision wrappers hold it as .optimizer)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _zero_partitioned(engine) -> bool:
+    return engine.zero_optimization_stage() > 0
+
+
+def adam_step(engine) -> int:
+    """How many Adam updates the moments have seen (0 before the first step)."""
+    for state in _base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def gather_full_state(engine, n_layer: int, pipeline: bool) -> tuple[dict, dict, dict]:
+    """(weights, moments, partition dims) of this rank's tp shard, full over dp. Collective over dp."""
+    weights, moments, dims = {}, {}, {}
+    zero = _zero_partitioned(engine)
+    base = _base_optimizer(engine)
+    for name, param in named_parameters(engine, n_layer, pipeline):
+        dims[name] = partition_dim(param)
+        if zero:
+            weights[name] = safe_get_full_fp32_param(param).detach().float().cpu()
+            for key in MOMENTS:
+                moments[f"{key}/{name}"] = safe_get_full_optimizer_state(param, key).detach().float().cpu()
+        else:
+            weights[name] = param.detach().float().cpu()
+            state = base.state.get(param, {})
+            for key in MOMENTS:
+                value = state.get(key)
+                moments[f"{key}/{name}"] = (torch.zeros_like(weights[name]) if value is None
+                                            else value.detach().float().cpu())
+    return weights, moments, dims
+
+
+def local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp: int, local_shape: torch.Size) -> torch.Tensor:
+    """This tp rank's slice of a full tensor; vocab rows are trimmed or zero-padded to the new padding."""
+    if dim is None:
+        return full
+    rows = local_shape[dim] * tp
+    if full.shape[dim] != rows:  # the padded vocabulary depends on tp; padding rows are masked anyway
+        if full.shape[dim] > rows:
+            full = full.narrow(dim, 0, rows)
+        else:
+            pad_shape = list(full.shape)
+            pad_shape[dim] = rows - full.shape[dim]
+            full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+    return full.chunk(tp, dim=dim)[tp_rank].contiguous()
+
+
+def apply_full_state(
+    engine, n_layer: int, pipeline: bool, read: Callable[[str], torch.Tensor], tp_rank: int, tp: int, step: int
+) -> None:
+    """Set this rank's weights and Adam moments from full tensors; `read(key)` returns one by name."""
+    zero = _zero_partitioned(engine)
+    base = _base_optimizer(engine)
+    for name, param in named_parameters(engine, n_layer, pipeline):
+        shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+        dim = partition_dim(param)
+
+        def local(key: str, dim=dim, shape=shape, device=param.device) -> torch.Tensor:
+            return local_slice(read(key), dim, tp_rank, tp, shape).to(device)
+
+        weight = local(name)
+        if zero:
+            _set_low_precision_copy(param, weight)
+            safe_set_full_fp32_param(param, weight)
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, local(f"{key}/{name}"), key)
+        else:
+            with torch.no_grad():
+                param.copy_(weight)
+            base.state[param] = {key: local(f"{key}/{name}").to(param.dtype) for key in MOMENTS}
+    _set_adam_step(base, step)
+
+
+def _set_low_precision_copy(param: nn.Parameter, value: torch.Tensor) -> None:
+    """The module's own copy of a parameter: whole under ZeRO-1/2, this rank's flat partition under ZeRO-3."""
+    with torch.no_grad():
+        if hasattr(param, "ds_tensor"):
+            part = param.ds_tensor
+            start = part.numel() * dist.get_rank(group=param.ds_process_group)
+            flat = value.flatten().to(part.dtype)
+            chunk = flat[start : start + part.numel()]
+            part.zero_()
+            part.view(-1)[: chunk.numel()].copy_(chunk)
+        else:
+            param.copy_(value.to(param.dtype))
+
+
+def _set_adam_step(base: torch.optim.Optimizer, step: int) -> None:
+    for group in base.param_groups:
+        for param in group["params"]:
+            state = base.state.setdefault(param, {})
+            old = state.get("step")
+            state["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step

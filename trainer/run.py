@@ -143,6 +143,8 @@ def run(config: Config) -> RunSummary:
 
 
 def _run(config: Config, topo: Topology) -> RunSummary:
+    if not topo.is_main:  # one voice per job: other ranks report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(config.train.seed)
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

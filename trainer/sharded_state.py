@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.utils import (
+    lazy_init_hp_params_optimizer_state,
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
@@ -46,6 +47,28 @@ def _zero_partitioned(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
 
+def _materialize_moments(engine) -> None:
+    """Make sure every flat fp32 partition has Adam moments, and that ZeRO-1/2 params point at them.
+
+    Torch's Adam creates its state lazily, and ZeRO-1/2 link each parameter to its slice of that state
+    only once, after the first step; a group that had no state then (or a run not yet stepped) would
+    have no moments to read or write.
+    """
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for flat in group["params"]:
+            state = base.state[flat]
+            for key in MOMENTS:
+                if key not in state:
+                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state.setdefault("step", torch.tensor(0.0))
+    groups = getattr(engine.optimizer, "bit16_groups", None)
+    partitions = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+    if groups is not None and partitions is not None:
+        for lp_params, flat in zip(groups, partitions, strict=True):
+            lazy_init_hp_params_optimizer_state(lp_params, flat, base.state)
+
+
 def adam_step(engine) -> int:
     """How many Adam updates the moments have seen (0 before the first step)."""
     for state in _base_optimizer(engine).state.values():
@@ -59,6 +82,8 @@ def gather_full_state(engine, n_layer: int, pipeline: bool) -> tuple[dict, dict,
     weights, moments, dims = {}, {}, {}
     zero = _zero_partitioned(engine)
     base = _base_optimizer(engine)
+    if zero:
+        _materialize_moments(engine)
     for name, param in named_parameters(engine, n_layer, pipeline):
         dims[name] = partition_dim(param)
         if zero:
@@ -96,6 +121,8 @@ def apply_full_state(
     """Set this rank's weights and Adam moments from full tensors; `read(key)` returns one by name."""
     zero = _zero_partitioned(engine)
     base = _base_optimizer(engine)
+    if zero:
+        _materialize_moments(engine)
     for name, param in named_parameters(engine, n_layer, pipeline):
         shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
         dim = partition_dim(param)

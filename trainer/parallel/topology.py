@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -93,12 +94,17 @@ def _free_port() -> int:
 
 def _start_process_group(device: torch.device) -> None:
     """Join the job's process group (env:// from torchrun/SLURM), or make a one-process group."""
-    if dist.is_initialized():
-        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        _init_torch_process_group(device, backend)
+    # DeepSpeed's communication layer adopts the existing group (its pipeline module asks it for ranks).
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _init_torch_process_group(device: torch.device, backend: str) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)

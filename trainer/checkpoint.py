@@ -48,6 +48,8 @@ class TrainerState:
     tokens_seen: int
     layout: dict
     config: dict
+    # The tokenizer's vocabulary (the embedding has padding rows beyond it).
+    vocab_size: int = 0
 
 
 def step_dir_name(step: int) -> str:

@@ -27,6 +27,7 @@ from trainer.config import Config
 from trainer.cost import model_flops_per_token
 from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
+from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
 from trainer.model import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
@@ -50,6 +51,11 @@ class RunSummary:
     num_parameters: int
     train_losses: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)
+    memory_per_rank: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(1, len(self.train_losses))
 
     @property
     def flops_per_second(self) -> float:
@@ -116,13 +122,15 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream: TokenStream,
     return Progress(step=saved.step, tokens_seen=saved.tokens_seen)
 
 
-def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path):
+def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path,
+                      vocab_size: int):
     def save(progress: Progress) -> Path:
         state = TrainerState(
             step=progress.step,
             tokens_seen=progress.tokens_seen,
             layout=_layout(topo),
             config=dataclasses.asdict(config),
+            vocab_size=vocab_size,
         )
         path = save_checkpoint(
             root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints
@@ -160,7 +168,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
                        config.train.eval_batches)
     root = run_dir / "checkpoints"
     progress = _resume(config, topo, engine, stream, root)
-    save = _checkpoint_saver(config, topo, engine, stream, root)
+    save = _checkpoint_saver(config, topo, engine, stream, root, index["vocab_size"])
     padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
     flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
     num_parameters = global_parameter_count(engine.module, topo)
@@ -173,7 +181,9 @@ def _run(config: Config, topo: Topology) -> RunSummary:
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
             result.val_losses[progress.step] = engine.evaluate(val)
         summary = _summarise(progress, result, index, checkpoint, flops_per_token, num_parameters)
-        sink.summary({k: v for k, v in dataclasses.asdict(summary).items() if not isinstance(v, dict)})
+        summary.memory_per_rank = gather_rank_memory(engine.ds, topo.device)
+        sink.summary({k: v for k, v in dataclasses.asdict(summary).items() if not isinstance(v, dict)}
+                     | {"seconds_per_step": summary.seconds_per_step})
     finally:
         sink.close()
     _report(summary, topo)
@@ -208,3 +218,6 @@ def _report(summary: RunSummary, topo: Topology) -> None:
     log.info("cost: %s tokens this run (%s in all), %.3g model FLOPs in %.1f s of training = %.3g FLOP/s achieved",
              f"{summary.tokens_trained:,}", f"{summary.tokens_seen:,}", summary.flops, summary.train_seconds,
              summary.flops_per_second)
+    peak = max(summary.memory_per_rank, key=lambda m: m["peak_rss_mb"])
+    log.info("memory: %.3f s/step; largest rank: %.0f MiB peak RSS, %.1f MiB parameters, %.1f MiB optimizer state",
+             summary.seconds_per_step, peak["peak_rss_mb"], peak["params_mb"], peak["optimizer_mb"])

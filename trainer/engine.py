@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -192,9 +193,12 @@ class Engine:
         """Load weights and Adam moments saved at any layout into this rank's shard."""
         apply_full_state(self.ds, self.config.model.n_layer, self.pipeline, reader.read,
                          self.topo.tp_rank, self.topo.tp, reader.adam_step)
-        # The LR is a function of the step: move the schedule to where the checkpoint left it.
+        # The LR is a function of the step: move the schedule to where the checkpoint left it. (Torch
+        # warns when a scheduler steps before its optimizer ever has; here that is the point.)
         self.scheduler.last_epoch = reader.state.step - 1
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
         value = value.detach().float().to(self.topo.device)

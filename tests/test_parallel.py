@@ -1,0 +1,178 @@
+"""3D parallelism on CPU with gloo: every layout draws the single-process loss curve, and resumes across layouts.
+
+Tolerance: fp32 throughout. Tensor parallelism splits matmul reductions and all-reduces the partial sums,
+ZeRO and data parallelism average gradients in another order, so losses may differ in the last bits of
+fp32 (relative 1e-7 per operation); over 5 steps of a 2-layer model that stays below 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_RUN
+from tests.workers.common import tiny_model_config
+from trainer.config import ConfigError, KernelsConfig, ParallelConfig
+from trainer.engine import build_model
+from trainer.model import GPT
+from trainer.parallel import Topology, init_topology
+from trainer.run import run
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 5
+RTOL = 1e-5
+
+
+def _env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_args(prepared) -> list[str]:
+    return [f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
+            "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
+
+
+def launch(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "launch.local", *args], cwd=cwd, env=_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(small_corpus, tmp_path_factory):
+    """The single-process run: 4 micro-batches of 4 per step."""
+    from tests.conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("single")
+    config = compose_config([*SMALL_RUN, *_data_args(small_corpus), f"train.run_dir={run_dir}",
+                             f"train.max_steps={STEPS + 1}", "train.grad_accum_steps=4", "train.eval_interval=0",
+                             "train.checkpoint_interval=0"])
+    return run(config).train_losses
+
+
+LAYOUTS = {
+    "tp2-pp2-dp2-zero1": ["nproc=8", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                          "train.grad_accum_steps=2"],
+    "tp2-dp2-zero2": ["nproc=4", "parallel.tp=2", "parallel.zero_stage=2", "train.grad_accum_steps=2"],
+    "tp2-dp2-zero3": ["nproc=4", "parallel.tp=2", "parallel.zero_stage=3", "train.grad_accum_steps=2"],
+    "tp2-pp2": ["nproc=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum_steps=4"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_the_single_process_loss_curve(layout, reference, small_corpus, tmp_path):
+    args = [*LAYOUTS[layout], *SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}",
+            f"train.exit_after_steps={STEPS}", "train.eval_interval=0", "train.checkpoint_interval=0",
+            "train.run_name=layout"]
+    result = launch(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = train_losses(tmp_path / "runs" / "layout")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
+
+
+def test_save_at_one_layout_resume_at_another(reference, small_corpus, tmp_path):
+    common = [*SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}", "train.grad_accum_steps=4",
+              "train.eval_interval=0", "train.checkpoint_interval=0", "train.run_name=moving"]
+    first = launch(["nproc=2", "parallel.tp=2", "train.exit_after_steps=3", *common], tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = launch(["nproc=2", "parallel.pp=2", *common], tmp_path)  # same run dir: resume=auto
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "saved at layout {'dp': 1, 'pp': 1, 'tp': 2}" in second.stdout + second.stderr
+    losses = train_losses(tmp_path / "runs" / "moving")
+    assert sorted(losses) == list(range(1, STEPS + 2))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
+
+
+def test_zero3_checkpoint_resumes_in_a_single_process(reference, small_corpus, tmp_path):
+    from tests.conftest import compose_config
+
+    common = [*SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}", "train.eval_interval=0",
+              "train.checkpoint_interval=0"]
+    first = launch(["nproc=2", "parallel.zero_stage=3", "train.grad_accum_steps=2", "train.exit_after_steps=3",
+                    "train.run_name=z3", *common], tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    saved = tmp_path / "runs" / "z3" / "checkpoints" / "step_00000003"
+    config = compose_config([*common, "train.grad_accum_steps=4", f"train.resume={saved}",
+                             f"train.run_dir={tmp_path / 'single'}"])
+    losses = run(config).train_losses
+    assert sorted(losses) == [4, 5, 6]
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
+
+
+def test_tp2_gradients_equal_the_gathered_single_process_gradients(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "tests.workers.tp_grads", str(tmp_path)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = [torch.load(tmp_path / f"grads-tp{r}.pt", weights_only=True) for r in range(2)]
+    init_topology(ParallelConfig(), "cpu")
+    model = GPT(tiny_model_config(), KernelsConfig(), vocab_size=100, seed=3)
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(idx, idx.roll(-1, dims=1)).backward()
+    for name, param in model.named_parameters():
+        (grad0, dim), (grad1, _) = shards[0][name], shards[1][name]
+        gathered = grad0 if dim is None else torch.cat([grad0, grad1], dim=dim)
+        if dim is None:
+            torch.testing.assert_close(grad1, grad0, rtol=0, atol=0)  # replicas agree exactly
+        torch.testing.assert_close(gathered, param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nproc=3", "parallel.tp=2"], "nproc=3: must be a multiple of parallel.tp*pp = 2*1"),
+        (["nproc=4", "parallel.pp=2", "parallel.zero_stage=2", "train.grad_accum_steps=2"], "ZeRO 0 or 1 only"),
+        (["nproc=3", "parallel.tp=3"], "parallel.tp=3: must divide model.n_head=4"),
+        (["nproc=2", "parallel.pp=2"], "at least as many micro-batches as stages"),
+        (["nproc=2", "parallel.dp=1"], "nproc=2 but parallel.tp*pp*dp = 1*1*1 = 1"),
+        (["nproc=2", "parallel.offload_optimizer=true"], "parallel.offload_optimizer=True: needs parallel.zero_stage"),
+    ],
+)
+def test_bad_layouts_fail_before_any_process_starts(args, message, tmp_path):
+    result = launch(args, tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "starting" not in result.stderr
+
+
+def test_world_size_that_does_not_match_the_layout_is_named(small_corpus, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "trainer.pretrain", "parallel.tp=2", "parallel.dp=2", *SMALL_RUN, *_data_args(small_corpus)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "parallel.tp*pp*dp = 2*1*2 = 4 but the job has 2 processes" in result.stdout + result.stderr
+
+
+def test_sequence_parallel_is_refused_on_the_cpu(small_run):
+    config = small_run("parallel.tp=2", "parallel.sequence_parallel=true")
+    topo = Topology(rank=0, world_size=2, local_rank=0, tp=2, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
+                    device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs CUDA"):
+        build_model(config, 512, topo)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import SMALL_RUN
 from tests.workers.common import tiny_model_config
 from trainer.config import ConfigError, KernelsConfig, ParallelConfig
 from trainer.engine import build_model
+from trainer.export import export
 from trainer.model import GPT
 from trainer.parallel import Topology, init_topology
 from trainer.run import run
@@ -66,7 +68,8 @@ def reference(small_corpus, tmp_path_factory):
     config = compose_config([*SMALL_RUN, *_data_args(small_corpus), f"train.run_dir={run_dir}",
                              f"train.max_steps={STEPS + 1}", "train.grad_accum_steps=4", "train.eval_interval=0",
                              "train.checkpoint_interval=0"])
-    return run(config).train_losses
+    summary = run(config)
+    return summary.train_losses, Path(summary.checkpoint)
 
 
 LAYOUTS = {
@@ -80,6 +83,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_the_single_process_loss_curve(layout, reference, small_corpus, tmp_path):
+    reference, _ = reference
     args = [*LAYOUTS[layout], *SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}",
             f"train.exit_after_steps={STEPS}", "train.eval_interval=0", "train.checkpoint_interval=0",
             "train.run_name=layout"]
@@ -92,6 +96,7 @@ def test_layout_matches_the_single_process_loss_curve(layout, reference, small_c
 
 
 def test_save_at_one_layout_resume_at_another(reference, small_corpus, tmp_path):
+    reference, reference_checkpoint = reference
     common = [*SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}", "train.grad_accum_steps=4",
               "train.eval_interval=0", "train.checkpoint_interval=0", "train.run_name=moving"]
     first = launch(["nproc=2", "parallel.tp=2", "train.exit_after_steps=3", *common], tmp_path)
@@ -104,8 +109,17 @@ def test_save_at_one_layout_resume_at_another(reference, small_corpus, tmp_path)
     for step in losses:
         assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
 
+    # The pipeline-saved final checkpoint exports to the same single-file model as the single-process one.
+    exported = export(tmp_path / "runs" / "moving" / "checkpoints" / "step_00000006", tmp_path / "pp2.safetensors")
+    expected = export(reference_checkpoint, tmp_path / "single.safetensors")
+    mine, theirs = load_file(str(exported)), load_file(str(expected))
+    assert sorted(mine) == sorted(theirs) and mine["embedding.tokens.weight"].shape[0] == 512
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
 
 def test_zero3_checkpoint_resumes_in_a_single_process(reference, small_corpus, tmp_path):
+    reference, _ = reference
     from tests.conftest import compose_config
 
     common = [*SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}", "train.eval_interval=0",

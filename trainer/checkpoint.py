@@ -226,6 +226,10 @@ class CheckpointReader:
         shards = [self._file(kind, tp_rank, pp_rank)[key] for tp_rank in range(self.saved_tp)]
         return shards[0] if dim is None else torch.cat(shards, dim=dim)
 
+    def parameter_names(self) -> list[str]:
+        """Every parameter the checkpoint holds, by single-process name."""
+        return list(self._owner)
+
     def data_state(self) -> dict:
         return _read(self.path / DATA_FILE, lambda f: json.loads(f.read_text()))
 

@@ -1,0 +1,70 @@
+"""Export a checkpoint of any layout as one safetensors file: `python -m trainer.export CKPT [--out FILE]`.
+
+The file holds the single-process GPT's weights (tp shards joined, pipeline stages merged, vocabulary
+padding removed) and, as metadata, the model config and vocabulary size needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.checkpoint import CheckpointError, CheckpointReader
+
+log = logging.getLogger(__name__)
+VOCAB_ROWS = ("embedding.tokens.weight",)
+
+
+def consolidated_weights(reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    """Every weight of the checkpoint, whole, under its single-process name."""
+    vocab = reader.state.vocab_size
+    weights = {}
+    for name in reader.parameter_names():
+        tensor = reader.read(name)
+        if name in VOCAB_ROWS and vocab:
+            tensor = tensor[:vocab]
+        weights[name] = tensor.contiguous()
+    return weights
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    """Write the consolidated model to `out` atomically; returns its path."""
+    reader = CheckpointReader(checkpoint)
+    weights = consolidated_weights(reader)
+    metadata = {
+        "model": json.dumps(reader.state.config["model"]),
+        "vocab_size": str(reader.state.vocab_size),
+        "step": str(reader.state.step),
+        "saved_layout": json.dumps(reader.state.layout),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(weights, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (runs/<name>/checkpoints/step_N)")
+    parser.add_argument("--out", type=Path, help="output file (default: <checkpoint>/model.safetensors)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    out = args.out or args.checkpoint / "model.safetensors"
+    try:
+        export(args.checkpoint, out)
+    except CheckpointError as err:
+        log.error("error: %s", err)
+        return 2
+    log.info("exported %s to %s", args.checkpoint, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,15 +79,17 @@ class ModelConfig:
 class KernelsConfig:
     """Which implementation of each fused op the model calls (see kernels/)."""
 
-    # auto: the fastest available on the device; torch_sdpa: F.scaled_dot_product_attention;
+    # auto: our Triton flash attention on CUDA, torch_sdpa elsewhere; triton: ours (on the CPU only
+    # under TRITON_INTERPRET=1, for tests); torch_sdpa: F.scaled_dot_product_attention;
     # reference: explicit softmax(QK^T)V in torch.
     attention: str = "auto"
-    # auto / torch: F.layer_norm; reference: the explicit mean/variance formula in torch.
+    # auto: our Triton kernel on CUDA, F.layer_norm elsewhere; triton; torch: F.layer_norm;
+    # reference: the explicit mean/variance formula in torch.
     layernorm: str = "auto"
 
     def __post_init__(self) -> None:
-        _require_choice("kernels.attention", self.attention, ("auto", "torch_sdpa", "reference"))
-        _require_choice("kernels.layernorm", self.layernorm, ("auto", "torch", "reference"))
+        _require_choice("kernels.attention", self.attention, ("auto", "triton", "torch_sdpa", "reference"))
+        _require_choice("kernels.layernorm", self.layernorm, ("auto", "triton", "torch", "reference"))
 
 
 @dataclass

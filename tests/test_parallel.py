@@ -31,6 +31,8 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 5
 RTOL = 1e-5
+# A threshold the gradient norm exceeds at every step, so clipping (and the norm it uses) is exercised.
+CLIP = "optim.grad_clip=0.05"
 
 
 def _env() -> dict:
@@ -44,7 +46,7 @@ def _free_port() -> int:
 
 
 def _data_args(prepared) -> list[str]:
-    return [f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
+    return [CLIP, f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
             "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
 
 
@@ -54,9 +56,13 @@ def launch(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Complet
     return result
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
+def train_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return train_metric(run_dir, "train/loss")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +89,8 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_the_single_process_loss_curve(layout, reference, small_corpus, tmp_path):
-    reference, _ = reference
+    reference, reference_checkpoint = reference
+    reference_norms = train_metric(reference_checkpoint.parent.parent, "train/grad_norm")
     args = [*LAYOUTS[layout], *SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}",
             f"train.exit_after_steps={STEPS}", "train.eval_interval=0", "train.checkpoint_interval=0",
             "train.run_name=layout"]
@@ -93,6 +100,10 @@ def test_layout_matches_the_single_process_loss_curve(layout, reference, small_c
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in losses:
         assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
+    norms = train_metric(tmp_path / "runs" / "layout", "train/grad_norm")
+    for step in norms:  # the norm clipping uses: every parameter once, whatever the layout
+        assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), (step, norms, reference_norms)
+        assert norms[step] > 0.05
 
 
 def test_save_at_one_layout_resume_at_another(reference, small_corpus, tmp_path):

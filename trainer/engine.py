@@ -20,8 +20,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from trainer.checkpoint import CheckpointReader, ShardState
 from trainer.config import Config, ConfigError
@@ -85,6 +85,21 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def global_grad_norm(module: nn.Module) -> float:
+    """L2 norm of the whole model's gradient: tp replicas and the pipeline's tied copies counted once."""
+    squares = torch.zeros((), dtype=torch.float32, device=next(module.parameters()).device)
+    for param in module.parameters():
+        if param.grad is None or getattr(param, "ds_pipe_replicated", False):
+            continue
+        if param_is_not_tensor_parallel_duplicate(param):
+            squares += param.grad.detach().float().pow(2).sum()
+    for group in (parallel_state.get_tensor_model_parallel_group(),
+                  parallel_state.get_pipeline_model_parallel_group()):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(squares, group=group)
+    return squares.sqrt().item()
+
+
 def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
     """The GPT for this rank: the whole model (pp = 1) or its pipeline stage (pp > 1)."""
     if config.parallel.sequence_parallel and topo.device.type != "cuda":
@@ -129,13 +144,19 @@ class Engine:
         self._record_fp32_grad_norm()
 
     def _record_fp32_grad_norm(self) -> None:
-        # In fp32 without ZeRO, DeepSpeed clips with a norm it computes and then drops; keep it for the
-        # logs (ZeRO and the mixed-precision optimizers report theirs through get_global_grad_norm).
+        # In fp32 without ZeRO, DeepSpeed's clipping counts the pipeline's tied embedding twice (once
+        # per stage holding it) and drops the norm it computed. Clip with the norm of the whole model
+        # instead, and keep it for the logs (ZeRO and the mixed-precision optimizers report theirs).
         engine = self.ds
 
         def clip_and_record() -> None:
-            norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
-            self._last_grad_norm = float(norm)
+            norm = global_grad_norm(engine.module)
+            coefficient = engine.gradient_clipping() / (norm + 1e-6)
+            if coefficient < 1.0:
+                for param in engine.module.parameters():
+                    if param.grad is not None:
+                        param.grad.detach().mul_(coefficient)
+            self._last_grad_norm = norm
 
         engine.clip_fp32_gradients = clip_and_record
 

@@ -16,14 +16,23 @@ def model_state_bytes(engine) -> dict[str, int]:
     param_bytes = sum(_held(p) * p.element_size() for p in module_params)
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)
-    seen = {id(p) for p in module_params}
-    master_bytes = sum(  # fp32 partitions kept by ZeRO / mixed-precision optimizers besides the module
-        p.numel() * p.element_size() for g in base.param_groups for p in g["params"] if id(p) not in seen
-    )
+    held = {_storage(p) for p in module_params}
+    # fp32 master partitions kept by ZeRO / mixed-precision optimizers, unless they are the module's own
+    # tensors (ZeRO-3 in fp32 updates the parameter partition in place). ZeRO-3 empties the base
+    # optimizer's param groups between steps, so its partitions are read from the wrapper.
+    masters = [p for g in base.param_groups for p in g["params"]]
+    masters += getattr(optimizer, "fp32_partitioned_groups_flat", None) or []
+    unique = {_storage(t): t for t in masters if torch.is_tensor(t) and _storage(t) not in held}
+    master_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     state_bytes = sum(
         v.numel() * v.element_size() for s in base.state.values() for v in s.values() if torch.is_tensor(v)
     )
     return {"params": param_bytes, "optimizer": master_bytes + state_bytes}
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    tensor = tensor.ds_tensor if hasattr(tensor, "ds_tensor") else tensor
+    return tensor.untyped_storage().data_ptr()
 
 
 def _held(param: torch.nn.Parameter) -> int:

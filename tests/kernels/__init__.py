@@ -1,0 +1,1 @@
+"""Tests of the Triton kernels (run in the Triton interpreter on the CPU when there is no GPU)."""

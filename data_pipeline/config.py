@@ -46,6 +46,38 @@ class DataConfig:
     prepare: str = "auto"
     """"auto": prepare when index.json is missing or from another config; "always"; "never"."""
 
+    # --- preparation ---
+    text_field: str = "text"
+    """Field holding a document's text in `.jsonl`/`.jsonl.gz`/`.jsonl.zst` lines and `.parquet` rows."""
+
+    prepare_workers: int = 0
+    """Processes tokenizing at prepare time; 0 means min(4, cpu_count). The shards do not depend on it."""
+
+    shard_max_mb: float = 128.0
+    """A shard is closed before its file would exceed this many MB (10**6 bytes), like
+    shard_max_tokens; a larger document gets a shard of its own."""
+
+    strict: bool = False
+    """Fail on the first bad input (unreadable file, invalid UTF-8, malformed JSON line, missing or
+    non-string text field) with an error naming file and line, instead of skipping and counting it."""
+    # --- end preparation ---
+
+    # --- streaming ---
+    split: str = "global"
+    """How training data is split over readers. "global": every dp rank walks one global window order and
+    takes its slice of each global micro-batch (batches independent of the parallel layout; every rank reads
+    every block). "shards": each dp rank and DataLoader worker reads only its own shards of the epoch's order
+    (for web-scale corpora; batches depend on the layout, and a resume needs the same dp size, micro-batch
+    size and num_workers)."""
+
+    num_workers: int = 0
+    """DataLoader worker processes reading training batches per rank (0: read in the training process)."""
+
+    mixture: str = ""
+    """Comma-separated `prepared_dir:weight` pairs (e.g. "data/web:0.7,data/code:0.3"): each training batch
+    comes from one corpus, drawn with these weights; empty means prepared_dir alone."""
+    # --- end streaming ---
+
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction <= 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5], got {self.val_fraction}")
@@ -63,3 +95,43 @@ class DataConfig:
             raise ValueError("data.source must not be empty")
         if not self.prepared_dir:
             raise ValueError("data.prepared_dir must not be empty")
+        self._check_streaming()
+
+    # --- streaming ---
+    def _check_streaming(self) -> None:
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {self.split!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        parse_mixture(self.mixture)
+
+    # --- end streaming ---
+
+
+# --- streaming ---
+SPLIT_MODES = ("global", "shards")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """data.mixture as [(prepared_dir, weight)]; [] when empty. Raises ValueError naming data.mixture."""
+    if not spec.strip():
+        return []
+    pairs = []
+    for entry in spec.split(","):
+        path, _, weight = entry.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not path or not value > 0 or value == float("inf"):
+            raise ValueError(
+                f"data.mixture entry {entry.strip()!r} must be 'prepared_dir:weight' with weight > 0"
+            )
+        pairs.append((path, value))
+    paths = [p for p, _ in pairs]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"data.mixture names a prepared_dir twice: {spec!r}")
+    return pairs
+
+
+# --- end streaming ---

@@ -1,93 +1,61 @@
-"""Corpus documents: the Python standard library or a directory/glob of text files, and the train/val split."""
+"""Corpus documents from one or more sources (see `sources` for the formats), and the train/val split."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
-import os
-import sysconfig
 from collections.abc import Iterator
-from pathlib import Path
+
+from data_pipeline.sources import (
+    DOCUMENT_SUFFIXES,
+    STDLIB,
+    STDLIB_SKIP_DIRS,
+    BadInputLog,
+    file_documents,
+    source_files,
+)
+
+__all__ = ["STDLIB", "STDLIB_SKIP_DIRS", "iter_documents", "parse_sources", "split_of"]
 
 logger = logging.getLogger(__name__)
 
-STDLIB = "stdlib"
-TEXT_SUFFIXES = (".txt", ".py")
-# Directories of the stdlib that are not the library's own source: tests (huge, full of odd encodings)
-# and pydoc_data, one generated 0.8 MB dict of documentation prose that would dominate whichever split
-# it lands in.
-STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "pydoc_data"}
-)
+
+def parse_sources(source: str) -> list[str]:
+    """The sources of a data.source value: one, or several separated by commas (paths may not hold one)."""
+    sources = [s.strip() for s in source.split(",") if s.strip()]
+    if not sources:
+        raise ValueError(f"data.source {source!r} names no source")
+    return sources
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
-        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    return root, files
+def iter_documents(
+    source: str, max_corpus_mb: float, text_field: str = "text", bad_input: BadInputLog | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (document id, text), source by source in the given order and files in sorted path order.
 
-
-def _glob_root(pattern: str) -> Path:
-    """The longest leading directory of a glob pattern that has no wildcard: relative paths start there."""
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        fixed.append(part)
-    root = Path(*fixed) if fixed else Path(".")
-    return root if root.is_dir() else root.parent
-
-
-def _source_files(source: str) -> tuple[Path, list[Path]]:
-    """(root, files) for a source; relative paths are taken against root."""
-    if source == STDLIB:
-        return _stdlib_files()
-    path = Path(source)
-    if path.is_dir():
-        return path, [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
-    if path.is_file():
-        return path.parent, [path]
-    if glob.has_magic(source):
-        return _glob_root(source), [Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()]
-    raise FileNotFoundError(f"data.source {source!r} does not exist")
-
-
-def iter_documents(source: str, max_corpus_mb: float) -> Iterator[tuple[str, str]]:
-    """Yield (relative_path, text) in sorted path order, stopping before the text read exceeds the cap.
-
-    Files are read as bytes and decoded strictly, so the text is exactly the file (CRLF kept); a file
-    that is not valid UTF-8 is skipped with a warning.
+    Stops before the text read (UTF-8 bytes) would exceed max_corpus_mb (0: no cap). Bad input goes to
+    `bad_input` (by default a non-strict log: warned about and skipped).
     """
-    root, files = _source_files(source)
-    if not files:
-        raise FileNotFoundError(f"data.source {source!r} matches no .txt/.py files")
-    # POSIX relative paths: the same document id (and split) on every OS.
-    by_rel = sorted((p.relative_to(root).as_posix(), p) for p in files)
+    log = bad_input if bad_input is not None else BadInputLog()
     cap_bytes = max_corpus_mb * 1e6 if max_corpus_mb > 0 else float("inf")
     total = 0
-    for rel, path in by_rel:
-        raw = path.read_bytes()
-        if total + len(raw) > cap_bytes:
-            logger.info("corpus cap of %s MB reached at %s; stopping", max_corpus_mb, rel)
-            return
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            logger.warning("skipping %s: not valid UTF-8 (%s)", path, exc)
-            continue
-        if not text:
-            continue
-        total += len(raw)
-        yield rel, text
+    for one in parse_sources(source):
+        root, files = source_files(one)
+        if not files:
+            raise FileNotFoundError(f"data.source {one!r} matches no {'/'.join(DOCUMENT_SUFFIXES)} files")
+        # POSIX relative paths: the same document id (and split) on every OS.
+        for rel, path in sorted((p.relative_to(root).as_posix(), p) for p in files):
+            for doc_id, text in file_documents(path, rel, text_field, log):
+                size = len(text.encode("utf-8"))
+                if total + size > cap_bytes:
+                    logger.info("corpus cap of %s MB reached at %s; stopping", max_corpus_mb, doc_id)
+                    return
+                total += size
+                yield doc_id, text
 
 
 def split_of(relative_path: str, val_fraction: float) -> str:
-    """Return "train" or "val" from a sha256 of the path: stable across runs, machines and Python versions."""
+    """Return "train" or "val" from a sha256 of the document id: stable across runs, machines and Pythons."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     return "val" if u < val_fraction else "train"

@@ -26,6 +26,24 @@ follows from index.json's token counts alone, so the resume state is just (epoch
 the epoch): the same on every rank, and valid at any dp_world_size or micro_batch_size (resuming under
 another layout continues the same global sequence); loading it needs no replay.
 
+split_mode="shards" (shuffle=True, for web-scale corpora): each reader reads only its own shards. A reader
+is one process (num_workers=0) or one DataLoader worker of a dp rank: reader dp_rank * R + w of
+dp_world_size * R, R = max(1, num_workers). The epoch's shuffled shard order is split order[reader::n_readers];
+with ranks numbered node-major (rank = node * ranks_per_node + local rank, as torchrun does) this is "by node,
+then by rank within the node, then by worker", with no num_nodes/node_rank of its own. A reader packs its own
+shards into blocks of `shuffle_block_shards` and emits each block's windows in a permuted order (drawn from
+(seed, epoch, block, reader)), micro_batch_size windows per batch. Batches therefore depend on the layout
+(dp_world_size, num_workers, micro_batch_size), readers' epochs end at different batches, and with loop=False
+readers may give different numbers of batches. A reader's position is a function of the number of batches it
+has taken (window counts come from index.json), so the resume state is the number of batches the rank took:
+the same on every rank of a synchronous job; it must be loaded under the same layout.
+
+DataLoader workers (num_workers > 0, read through StreamLoader): the stream is an IterableDataset. In global
+mode worker w of W produces the rank's batches k with k % W == w (it skips the others' by cursor arithmetic),
+so the DataLoader's round-robin yields the same sequence as num_workers=0 and a state resumes at any W. In
+shards mode worker w reads its own shards; after n batches worker w has produced n // W + (w < n % W). The
+main process cannot read its workers' positions, so StreamLoader derives the state from the batches consumed.
+
 shuffle=False (evaluation): the rank's shards, `order[dp_rank::dp_world_size]`, are read in index order as
 one packed token stream; rows are windows of seq_len + 1 tokens taken with stride seq_len, so every token
 after the first is a target exactly once and a batch starts on the token the previous batch's last row
@@ -46,12 +64,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.config import SPLIT_MODES
 from data_pipeline.prepare import load_index
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 3  # 3: shuffled streams: a global window cursor, dp layout and batch size not checked
+STATE_VERSION = 4  # 4: split_mode and the batches taken (the position of a shards-mode stream)
+# (3: shuffled streams: a global window cursor, dp layout and batch size not checked)
 # (2: shuffled streams resume from (epoch, window); shuffle_block_shards in the layout)
 _CACHED_SHARDS = 2  # the current shard and the one a batch spills into
 _CACHED_BLOCKS = 2  # the current block and the one a batch spills into
@@ -100,7 +121,7 @@ def _load_shard(path: Path) -> _Shard:
     return _Shard(tokens=np.concatenate(docs), starts=starts)
 
 
-class TokenStream:
+class TokenStream(IterableDataset):
     """Infinite (or one-epoch, loop=False) iterator of (inputs, targets) LongTensors [micro_batch_size, seq_len]."""
 
     def __init__(
@@ -115,6 +136,8 @@ class TokenStream:
         loop: bool = True,
         shuffle: bool = True,
         shuffle_block_shards: int = 4,
+        split_mode: str = "global",
+        num_workers: int = 0,
     ) -> None:
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
@@ -122,6 +145,10 @@ class TokenStream:
             raise ValueError(f"dp_rank must be in [0, {dp_world_size}), got {dp_rank}")
         if shuffle_block_shards < 1:
             raise ValueError(f"shuffle_block_shards must be >= 1, got {shuffle_block_shards}")
+        if split_mode not in SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
+        if num_workers < 0 or (num_workers > 0 and not shuffle):
+            raise ValueError(f"num_workers must be >= 0 and is for shuffle=True streams, got {num_workers}")
         self.dir = Path(prepared_dir)
         index = load_index(self.dir)
         if split not in index["splits"]:
@@ -138,6 +165,18 @@ class TokenStream:
         self.split, self.seq_len, self.micro_batch_size, self.seed = split, seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_world_size, self.loop, self.shuffle = dp_rank, dp_world_size, loop, shuffle
         self.shuffle_block_shards = shuffle_block_shards
+        self.split_mode, self.num_workers = split_mode, num_workers
+        self._sharded = shuffle and split_mode == "shards"
+        # Readers per rank, and which one this object is (set in a DataLoader worker by __iter__).
+        self._readers, self._role, self._in_worker = max(1, num_workers), 0, False
+        self._skip_after = 0  # global mode in a worker: the other workers' batches skipped after each batch
+        self._batches = 0  # batches this rank has taken (all its workers together)
+        if self._sharded and len(self.shard_files) < dp_world_size * self._readers:
+            raise ValueError(
+                f"split_mode='shards' needs at least dp_world_size * max(1, num_workers) = "
+                f"{dp_world_size * self._readers} shards; the {split} split of {str(self.dir)!r} has "
+                f"{len(self.shard_files)}: lower data.shard_max_tokens and prepare again"
+            )
         # shuffle=False: position of the next batch's first token (epoch, shard position, flat token offset).
         # shuffle=True: _epoch and _window, the index of the next global micro-step's first window in the
         # epoch's (global, dp-independent) emission order.
@@ -145,19 +184,39 @@ class TokenStream:
         self._cache: OrderedDict[str, _Shard] = OrderedDict()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._layouts: OrderedDict[int, _EpochLayout] = OrderedDict()
-        if shuffle and self._layout_of(0).n_windows == 0:
-            raise ValueError(
-                f"no block of {shuffle_block_shards} shards of the {split} split of {str(self.dir)!r} "
-                f"holds a window of seq_len + 1 = {seq_len + 1} tokens"
-            )
+        for role in range(self._readers if self._sharded else int(shuffle)):
+            self._set_role(role)
+            if self._layout_of(0).n_windows == 0:
+                raise ValueError(
+                    f"no block of {shuffle_block_shards} shards of the {split} split of {str(self.dir)!r} "
+                    f"(for reader {self._reader} of {self._n_readers}) holds a window of seq_len + 1 = "
+                    f"{seq_len + 1} tokens"
+                )
+        self._set_role(0)
 
     # --- shard order and loading -------------------------------------------------------------------
+    @property
+    def _reader(self) -> int:
+        return self.dp_rank * self._readers + self._role
+
+    @property
+    def _n_readers(self) -> int:
+        return self.dp_world_size * self._readers
+
+    def _set_role(self, role: int) -> None:
+        """Read as reader `role` of this rank (shards mode); cached layouts and blocks belong to the old one."""
+        if role != self._role:
+            self._layouts.clear()
+            self._blocks.clear()
+        self._role = role
+
     def _epoch_shards(self, epoch: int) -> list[str]:
-        """shuffle=True: the epoch's full shuffled order (all ranks); shuffle=False: this rank's shards."""
+        """shuffle=True: the epoch's full shuffled order (global mode) or this reader's part of it (shards
+        mode); shuffle=False: this rank's shards."""
         order = list(self.shard_files)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(order)
-            return order
+            return order[self._reader :: self._n_readers] if self._sharded else order
         return order[self.dp_rank :: self.dp_world_size]
 
     def _shard(self, name: str) -> _Shard:
@@ -186,7 +245,8 @@ class TokenStream:
         return layout
 
     def _window_order(self, epoch: int, block: int, n_windows: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed & _SEED_MASK, epoch, block])
+        entropy = [self.seed & _SEED_MASK, epoch, block] + ([self._reader + 1] if self._sharded else [])
+        rng = np.random.default_rng(entropy)
         return rng.permutation(n_windows)
 
     def _block(self, epoch: int, block: int) -> _Block:
@@ -208,9 +268,36 @@ class TokenStream:
             self._blocks.popitem(last=False)
         return loaded
 
+    @property
+    def _step(self) -> int:
+        """Windows the cursor moves per batch: the global micro-step, or this reader's own batch."""
+        return self.micro_batch_size * (1 if self._sharded else self.dp_world_size)
+
+    def _advance(self, epoch: int, window: int, n: int) -> tuple[int, int]:
+        """The cursor n windows on (loop=True: across epochs, as _next_shuffled walks them); no data is read."""
+        if not self.loop:  # batches never span epochs: past the end, the next batch raises StopIteration
+            return epoch, window + n
+        empty_epochs = 0
+        while window + n > (n_windows := self._layout_of(epoch).n_windows):
+            empty_epochs = empty_epochs + 1 if n_windows == 0 else 0
+            if empty_epochs > _MAX_EMPTY_EPOCHS:
+                raise RuntimeError(
+                    f"{_MAX_EMPTY_EPOCHS} epochs in a row hold no window of {self.seq_len + 1} tokens"
+                )
+            n -= max(n_windows - window, 0)
+            epoch, window = epoch + 1, 0
+        return epoch, window + n
+
+    def _seek_reader(self) -> None:
+        """Shards mode: this reader's cursor after its share of the rank's self._batches batches."""
+        n, r = divmod(self._batches, self._readers)
+        own = n + (self._role < r)
+        self._epoch, self._window = self._advance(0, 0, own * self.micro_batch_size)
+
     def _next_shuffled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, step = self.micro_batch_size, self.seq_len, self.dp_world_size * self.micro_batch_size
-        lo, hi = self.dp_rank * B, (self.dp_rank + 1) * B  # this rank's slice of the global micro-step
+        B, T, step = self.micro_batch_size, self.seq_len, self._step
+        # This reader's slice of the global micro-step (global mode), or all of its own batch (shards mode).
+        lo, hi = (0, B) if self._sharded else (self.dp_rank * B, (self.dp_rank + 1) * B)
         epoch, window = self._epoch, self._window
         if not self.loop and window + step > self._layout_of(epoch).n_windows:
             raise StopIteration  # the global micro-step does not fit in the epoch: no rank gets a batch
@@ -241,7 +328,7 @@ class TokenStream:
             done += take
             window += take
         buf = torch.from_numpy((np.concatenate(rows) if len(rows) != 1 else rows[0]).astype(np.int64))
-        self._epoch, self._window = epoch, window
+        self._epoch, self._window = self._advance(epoch, window, self._skip_after * step)
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
     # --- shuffle=False: one packed stream ----------------------------------------------------------
@@ -282,10 +369,38 @@ class TokenStream:
         return inputs, targets.contiguous()
 
     def __iter__(self) -> TokenStream:
+        info = get_worker_info()
+        if info is None:
+            return self
+        # In DataLoader worker info.id: a copy of the stream at the rank's position after self._batches.
+        if info.num_workers != self.num_workers:
+            raise ValueError(
+                f"TokenStream built for num_workers={self.num_workers} read by {info.num_workers}"
+            )
+        self._in_worker = True
+        if self._sharded:
+            # The DataLoader asks worker 0 first: it takes over the role whose turn is next.
+            self._set_role((info.id + self._batches) % self._readers)
+            self._seek_reader()
+        else:
+            self._skip_after = self.num_workers - 1
+            self._epoch, self._window = self._advance(self._epoch, self._window, info.id * self._step)
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._next_shuffled() if self.shuffle else self._next_sequential()
+        if self.num_workers > 0 and not self._in_worker:
+            raise RuntimeError(
+                f"a TokenStream with num_workers={self.num_workers} is read through StreamLoader"
+            )
+        batch = self._next_shuffled() if self.shuffle else self._next_sequential()
+        self._batches += 1
+        return batch
+
+    def _consumed(self, n: int) -> None:
+        """StreamLoader, in the main process: n more batches were taken from the workers (arithmetic only)."""
+        self._batches += n
+        if not self._sharded:
+            self._epoch, self._window = self._advance(self._epoch, self._window, n * self._step)
 
     # --- resume ------------------------------------------------------------------------------------
     def _layout(self) -> dict:
@@ -296,25 +411,32 @@ class TokenStream:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shuffle_block_shards": self.shuffle_block_shards,
+            "split_mode": self.split_mode,
             "fingerprint": self.fingerprint,
         }
-        if self.shuffle:  # a global window cursor: valid at any dp layout and micro-batch size
+        if self._sharded:  # the rank's batch count: the readers' shards and windows follow from the layout
+            return {**layout, "dp_world_size": self.dp_world_size, "micro_batch_size": self.micro_batch_size}
+        if self.shuffle:  # a global window cursor: valid at any dp layout, micro-batch size and worker count
             return layout
         return {**layout, "dp_rank": self.dp_rank, "dp_world_size": self.dp_world_size}
 
     def state_dict(self) -> dict:
         """JSON-serialisable position right after the last batch returned.
 
-        shuffle=True: the same on every dp rank (the global window cursor).
+        shuffle=True: the same on every dp rank (the global window cursor, or in shards mode the batches taken).
         """
         state = {
             "version": STATE_VERSION,
-            # Informative for shuffle=True (positions are global windows), checked for shuffle=False via _layout.
+            # Informative unless _layout checks them (shards mode, shuffle=False).
             "dp_world_size": self.dp_world_size,
             "micro_batch_size": self.micro_batch_size,
+            "num_workers": self.num_workers,
+            "batches": self._batches,
             **self._layout(),
-            "epoch": self._epoch,
         }
+        if self._sharded:
+            return state
+        state["epoch"] = self._epoch
         if self.shuffle:
             return {**state, "window": self._window}
         names = self._epoch_shards(self._epoch)
@@ -328,7 +450,8 @@ class TokenStream:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict() of the same split, seq_len, seed, shuffle, block size and data.
 
-        shuffle=True: from any dp layout and micro-batch size (the global sequence continues);
+        shuffle=True: from any dp layout, micro-batch size and worker count (the global sequence continues);
+        shards mode: on any dp rank, from the same dp_world_size, micro_batch_size and max(1, num_workers);
         shuffle=False: from the same dp_rank and dp_world_size.
         """
         if state.get("version") != STATE_VERSION:
@@ -338,6 +461,20 @@ class TokenStream:
                 raise ValueError(
                     f"TokenStream state was saved with {key}={state.get(key)!r}, this stream has {key}={mine!r}"
                 )
+        batches = int(state["batches"])
+        if batches < 0:
+            raise ValueError(f"TokenStream state batches={batches} is negative")
+        if self._sharded:
+            saved = int(state["num_workers"])
+            if max(1, saved) != self._readers:  # 0 and 1 worker: one reader per rank, the same data
+                raise ValueError(
+                    f"TokenStream state was saved with num_workers={saved}, this stream has "
+                    f"num_workers={self.num_workers}: split_mode='shards' splits the shards by worker, so "
+                    f"resume with num_workers={saved}"
+                )
+            self._batches = batches
+            self._seek_reader()
+            return
         epoch = int(state["epoch"])
         if epoch < 0:
             raise ValueError(f"TokenStream state epoch={epoch} is negative")
@@ -345,7 +482,7 @@ class TokenStream:
             window, n_windows = int(state["window"]), self._layout_of(epoch).n_windows
             if not 0 <= window <= n_windows:
                 raise ValueError(f"TokenStream state window={window} out of range [0, {n_windows}]")
-            self._epoch, self._window = epoch, window
+            self._epoch, self._window, self._batches = epoch, window, batches
             return
         shard_pos = int(state["shard_pos"])
         names = self._epoch_shards(epoch)
@@ -362,7 +499,59 @@ class TokenStream:
             offset = int(shard.starts[sample]) + in_sample
             if not 0 <= offset < shard.tokens.size:
                 raise ValueError(f"TokenStream state offset_in_sample={in_sample} out of range")
-        self._epoch, self._shard_pos, self._offset = epoch, shard_pos, offset
+        self._epoch, self._shard_pos, self._offset, self._batches = epoch, shard_pos, offset, batches
+
+
+def _as_tuple(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch  # the DataLoader's default (batch_size=None) turns the tuple into a list
+
+
+class StreamLoader:
+    """A TokenStream's batches read by its num_workers DataLoader worker processes, with exact resume.
+
+    The state is the stream's state after the batches consumed here, computed in this process by cursor
+    arithmetic (no data read, no replay); num_workers=0 reads the stream in this process.
+    """
+
+    def __init__(self, stream: TokenStream, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        self.stream, self.num_workers = stream, stream.num_workers
+        self._options = dict(pin_memory=pin_memory)
+        if self.num_workers > 0:
+            self._options["prefetch_factor"] = prefetch_factor
+        self._batches = None  # the DataLoader's iterator, started on the first batch
+
+    def __iter__(self) -> StreamLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_workers == 0:
+            return next(self.stream)
+        if self._batches is None:
+            # Workers get copies of the stream at its position now, and place themselves from it.
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_as_tuple,
+                **self._options,
+            )
+            self._batches = iter(loader)
+        batch = next(self._batches)
+        self.stream._consumed(1)
+        return batch
+
+    def close(self) -> None:
+        """Stop the workers; the next batch starts new ones at the current position."""
+        self._batches = None  # the iterator shuts its workers down when collected
+
+    def state_dict(self) -> dict:
+        """The stream's JSON state after the batches taken so far ("batches" counts them)."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a StreamLoader or TokenStream state (rules of TokenStream.load_state_dict)."""
+        self.close()
+        self.stream.load_state_dict(state)
 
 
 def eval_batches(prepared_dir: str, seq_len: int, micro_batch_size: int, max_batches: int) -> list:

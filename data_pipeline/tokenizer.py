@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,42 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     tok = Tokenizer.from_file(str(path))
     eot_id(tok)
     return _finish(tok)
+
+
+def tokenizer_from_json(json_str: str) -> Tokenizer:
+    """A tokenizer from the JSON of `Tokenizer.to_str()` (what tokenizer.json holds)."""
+    tok = Tokenizer.from_str(json_str)
+    eot_id(tok)
+    return _finish(tok)
+
+
+def encode_with_eot(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """Token ids of each text followed by the end-of-text id, as arrays of `dtype`."""
+    eot = eot_id(tok)
+    out = []
+    for enc in tok.encode_batch(texts):
+        ids = np.empty(len(enc.ids) + 1, dtype=dtype)
+        ids[:-1] = enc.ids
+        ids[-1] = eot
+        out.append(ids)
+    return out
+
+
+# The tokenizer of a pool worker process, loaded once by _init_encode_worker.
+_worker_tok: Tokenizer | None = None
+
+
+def _init_encode_worker(json_str: str) -> None:
+    global _worker_tok
+    # The pool's processes are the parallelism: one Rust thread pool per worker would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tok = tokenizer_from_json(json_str)
+
+
+def _encode_in_worker(args: tuple[list[str], str]) -> list[np.ndarray]:
+    texts, dtype_name = args
+    assert _worker_tok is not None, "pool started without _init_encode_worker"
+    return encode_with_eot(_worker_tok, texts, np.dtype(dtype_name))
 
 
 def eot_id(tok: Tokenizer) -> int:

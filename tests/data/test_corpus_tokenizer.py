@@ -31,7 +31,7 @@ def tok(tiny_prepared):
 
 
 def test_documents_sorted_filtered_and_non_utf8_skipped(tiny_corpus, caplog):
-    with caplog.at_level(logging.WARNING, logger="data_pipeline.corpus"):
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.sources"):
         docs = list(iter_documents(str(tiny_corpus), 0))
     paths = [p for p, _ in docs]
     assert paths == sorted(paths)

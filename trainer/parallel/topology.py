@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import deepspeed
@@ -86,12 +85,6 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_process_group(device: torch.device) -> None:
     """Join the job's process group (env:// from torchrun/SLURM), or make a one-process group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -102,12 +95,15 @@ def _start_process_group(device: torch.device) -> None:
 
 
 def _init_torch_process_group(device: torch.device, backend: str) -> None:
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    if "MASTER_ADDR" in os.environ:  # started by torchrun / srun: rendezvous through MASTER_ADDR:MASTER_PORT
+        dist.init_process_group(backend=backend)
+        return
+    # A lone process needs no rendezvous: an in-memory store, so no port can be taken by someone else.
+    # (DeepSpeed still reads the rank variables a launcher would have set.)
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def init_topology(parallel: ParallelConfig, device_name: str = "auto") -> Topology:

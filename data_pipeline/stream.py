@@ -54,20 +54,17 @@ are re-read from the shard on resume. It needs at least dp_world_size shards.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import SPLIT_MODES
-from data_pipeline.prepare import load_index
+from data_pipeline.shards import LoadedShard, SkipCounter, load_shard, read_index, shard_url
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +75,6 @@ _CACHED_SHARDS = 2  # the current shard and the one a batch spills into
 _CACHED_BLOCKS = 2  # the current block and the one a batch spills into
 _MAX_EMPTY_EPOCHS = 1000  # consecutive epochs without a window before a looping stream gives up
 _SEED_MASK = (1 << 64) - 1  # SeedSequence takes non-negative entropy: map a negative seed into range
-
-
-@dataclass(frozen=True)
-class _Shard:
-    """A loaded shard: its documents concatenated, and where each document starts."""
-
-    tokens: np.ndarray  # (n_tokens,) uint16/uint32
-    starts: np.ndarray  # (n_docs,) int64, starts[0] == 0
 
 
 @dataclass(frozen=True)
@@ -106,19 +95,6 @@ class _Block:
 
     tokens: np.ndarray  # (n_tokens,) uint16/uint32
     order: np.ndarray  # (n_windows,) int64 permutation of the block's window indices
-
-
-def _load_shard(path: Path) -> _Shard:
-    # webdataset's own tar reader: samples grouped by key, in the order they were written.
-    docs = []
-    for sample in wds.tariterators.tarfile_samples([{"url": str(path)}]):
-        if "tokens.npy" not in sample:
-            raise ValueError(f"shard {path}: sample {sample['__key__']!r} has no tokens.npy")
-        docs.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
-    if not docs:
-        raise ValueError(f"shard {path} holds no samples")
-    starts = np.cumsum([0] + [d.size for d in docs[:-1]], dtype=np.int64)
-    return _Shard(tokens=np.concatenate(docs), starts=starts)
 
 
 class TokenStream(IterableDataset):
@@ -149,8 +125,9 @@ class TokenStream(IterableDataset):
             raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {split_mode!r}")
         if num_workers < 0 or (num_workers > 0 and not shuffle):
             raise ValueError(f"num_workers must be >= 0 and is for shuffle=True streams, got {num_workers}")
-        self.dir = Path(prepared_dir)
-        index = load_index(self.dir)
+        # A local directory, a URL prefix (http, s3, ...) or a `pipe:` command template with {shard}.
+        self.dir = prepared_dir
+        index = read_index(prepared_dir)
         if split not in index["splits"]:
             raise ValueError(f"split {split!r} not in {str(self.dir)!r} (has {sorted(index['splits'])})")
         shards = index["splits"][split]["shards"]
@@ -181,7 +158,9 @@ class TokenStream(IterableDataset):
         # shuffle=True: _epoch and _window, the index of the next global micro-step's first window in the
         # epoch's (global, dp-independent) emission order.
         self._epoch, self._shard_pos, self._offset, self._window = 0, 0, 0, 0
-        self._cache: OrderedDict[str, _Shard] = OrderedDict()
+        self._cache: OrderedDict[str, LoadedShard] = OrderedDict()
+        # Corrupt training shards are logged, counted and skipped (per process: each worker has its own).
+        self.skips = SkipCounter()
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._layouts: OrderedDict[int, _EpochLayout] = OrderedDict()
         for role in range(self._readers if self._sharded else int(shuffle)):
@@ -219,11 +198,12 @@ class TokenStream(IterableDataset):
             return order[self._reader :: self._n_readers] if self._sharded else order
         return order[self.dp_rank :: self.dp_world_size]
 
-    def _shard(self, name: str) -> _Shard:
+    def _shard(self, name: str) -> LoadedShard:
+        # The unshuffled (evaluation) path: a corrupt shard fails loudly rather than shrinking the set.
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        shard = _load_shard(self.dir / name)
+        shard = load_shard(shard_url(self.dir, name))
         self._cache[name] = shard
         if len(self._cache) > _CACHED_SHARDS:
             self._cache.popitem(last=False)
@@ -256,13 +236,25 @@ class TokenStream(IterableDataset):
             return self._blocks[key]
         layout = self._layout_of(epoch)
         names = layout.blocks[block]
-        pieces = [_load_shard(self.dir / name).tokens for name in names]
+        loaded_shards = [self.skips.load(shard_url(self.dir, name)) for name in names]
+        pieces = [shard.tokens for shard in loaded_shards if shard is not None]
+        if not pieces:
+            raise ValueError(f"every shard of the block {names} is corrupt")
         tokens = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
-        expected = sum(self._shard_tokens[n] for n in names)
-        if tokens.size != expected:
-            raise ValueError(f"shards {names} hold {tokens.size} tokens, index.json says {expected}")
         n_windows = int(layout.first_window[block + 1] - layout.first_window[block])
-        loaded = _Block(tokens=tokens, order=self._window_order(epoch, block, n_windows))
+        order = self._window_order(epoch, block, n_windows)
+        if len(pieces) == len(names):
+            expected = sum(self._shard_tokens[n] for n in names)
+            if tokens.size != expected:
+                raise ValueError(f"shards {names} hold {tokens.size} tokens, index.json says {expected}")
+        else:
+            # A corrupt shard was skipped: serve the block's good windows in place of the planned ones, so
+            # batch shapes, cursors and resume states stay those index.json implies, on every rank alike.
+            good_windows = max(tokens.size - 1, 0) // self.seq_len
+            if good_windows == 0:
+                raise ValueError(f"the readable shards of the block {names} hold no window of {self.seq_len + 1}")
+            order = order % good_windows
+        loaded = _Block(tokens=tokens, order=order)
         self._blocks[key] = loaded
         if len(self._blocks) > _CACHED_BLOCKS:
             self._blocks.popitem(last=False)
@@ -567,3 +559,14 @@ def eval_batches(prepared_dir: str, seq_len: int, micro_batch_size: int, max_bat
             f"the val split of {prepared_dir!r} is shorter than one batch of {micro_batch_size}x{seq_len + 1} tokens"
         )
     return batches
+
+
+def skipped_shards(stream) -> int | None:
+    """Corrupt shards a training stream (TokenStream, StreamLoader or MixtureStream) skipped in this process.
+
+    None when DataLoader workers read the shards: each worker keeps its own count and logs each skip.
+    """
+    streams = getattr(stream, "streams", None) or [getattr(stream, "stream", stream)]
+    if any(getattr(s, "num_workers", 0) for s in streams):
+        return None
+    return sum(s.skips.count for s in streams)

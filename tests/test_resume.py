@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -24,6 +25,27 @@ def test_resume_continues_the_same_loss_curve(small_run, tmp_path):
     assert [first_half.train_losses[s] for s in range(1, 5)] == [straight.train_losses[s] for s in range(1, 5)]
     assert second_half.val_losses[8] == straight.val_losses[8]
     assert second_half.tokens_seen == straight.tokens_seen
+
+
+@pytest.mark.parametrize("split", ["global", "shards"])
+def test_resume_with_dataloader_workers_continues_the_same_loss_curve(small_run, tmp_path, split):
+    steps = ["train.max_steps=6", "train.eval_interval=0", "train.checkpoint_interval=0", "data.num_workers=2",
+             f"data.split={split}"]
+    straight = run(small_run(*steps, f"train.run_dir={tmp_path / 'straight'}"))
+    run(small_run(*steps, "train.exit_after_steps=3", f"train.run_dir={tmp_path / 'split'}"))
+    second_half = run(small_run(*steps, f"train.run_dir={tmp_path / 'split'}"))
+    assert [second_half.train_losses[s] for s in (4, 5, 6)] == [straight.train_losses[s] for s in (4, 5, 6)]
+
+
+def test_a_mixture_of_corpora_trains_and_resumes(small_run, small_corpus, tmp_path):
+    code = tmp_path / "second-corpus"
+    shutil.copytree(small_corpus, code)  # same tokenizer, a second location: a two-corpus mixture
+    mixture = f"data.mixture='{small_corpus}:0.7,{code}:0.3'"  # quoted: a comma means a sweep to Hydra
+    steps = ["train.max_steps=6", "train.eval_interval=0", "train.checkpoint_interval=0", mixture]
+    straight = run(small_run(*steps, f"train.run_dir={tmp_path / 'straight'}"))
+    run(small_run(*steps, "train.exit_after_steps=3", f"train.run_dir={tmp_path / 'split'}"))
+    second_half = run(small_run(*steps, f"train.run_dir={tmp_path / 'split'}"))
+    assert [second_half.train_losses[s] for s in (4, 5, 6)] == [straight.train_losses[s] for s in (4, 5, 6)]
 
 
 def test_periodic_checkpoints_keep_the_last_k(small_run, tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data_pipeline.stream import skipped_shards
 from trainer.config import Config
 from trainer.engine import Batch, Engine
 from trainer.metrics import MetricsSink
@@ -54,6 +55,11 @@ class _Throughput:
         """(tokens per second, seconds per step) since the last restart."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         return self.tokens / elapsed, elapsed / max(1, self.steps)
+
+
+def _data_health(train_batches: Iterable[Batch]) -> dict[str, int]:
+    skipped = skipped_shards(train_batches)
+    return {} if skipped is None else {"data/skipped_shards": skipped}
 
 
 def train_loop(
@@ -101,6 +107,7 @@ def train_loop(
                     "perf/tokens_per_s": tokens_per_s, "perf/step_s": step_s,
                     "perf/model_flops_per_s": tokens_per_s * flops_per_token,
                     "progress/tokens_seen": progress.tokens_seen,
+                    **_data_health(train_batches),
                 })
                 meter.restart()
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0

@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.config import parse_mixture
+from data_pipeline.mixture import MixtureStream
 from data_pipeline.prepare import ensure_prepared, load_index
-from data_pipeline.stream import TokenStream, eval_batches
+from data_pipeline.shards import read_index
+from data_pipeline.stream import StreamLoader, TokenStream, eval_batches
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointReader,
@@ -23,7 +26,7 @@ from trainer.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.cost import model_flops_per_token
 from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
@@ -89,6 +92,29 @@ def _prepare_data(config: Config, topo: Topology) -> dict:
     return load_index(config.data.prepared_dir)
 
 
+def build_train_stream(config: Config, topo: Topology, index: dict):
+    """The training batches: one corpus or a weighted mixture, read in-process or by DataLoader workers."""
+
+    def tokens(prepared_dir: str, num_workers: int) -> TokenStream:
+        return TokenStream(
+            prepared_dir, "train", config.seq_len, config.train.micro_batch_size, seed=config.data.seed,
+            dp_rank=topo.dp_rank, dp_world_size=topo.dp, shuffle_block_shards=config.data.shuffle_block_shards,
+            split_mode=config.data.split, num_workers=num_workers,
+        )
+
+    mixture = parse_mixture(config.data.mixture)
+    if not mixture:
+        return StreamLoader(tokens(config.data.prepared_dir, config.data.num_workers),
+                            pin_memory=topo.device.type == "cuda")
+    if config.data.num_workers:
+        raise ConfigError("data.num_workers > 0 is not supported together with data.mixture yet")
+    for path, _ in mixture:
+        other = read_index(path)
+        if (other["vocab_size"], other["eot_id"]) != (index["vocab_size"], index["eot_id"]):
+            raise ConfigError(f"data.mixture: {path} was tokenized differently from {config.data.prepared_dir}")
+    return MixtureStream([tokens(p, 0) for p, _ in mixture], [w for _, w in mixture], seed=config.data.seed)
+
+
 def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the differences (the layout may differ)."""
     current = dataclasses.asdict(config.model)
@@ -103,7 +129,7 @@ def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
         )
 
 
-def _resume(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path) -> Progress:
+def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) -> Progress:
     path = resolve_resume(config.train.resume, root)
     if path is None:
         return Progress()
@@ -122,7 +148,7 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream: TokenStream,
     return Progress(step=saved.step, tokens_seen=saved.tokens_seen)
 
 
-def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream: TokenStream, root: Path,
+def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path,
                       vocab_size: int):
     def save(progress: Progress) -> Path:
         state = TrainerState(
@@ -159,11 +185,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     index = _prepare_data(config, topo)
     model = build_model(config, index["vocab_size"], topo)
     engine = Engine(model, config, topo)
-    stream = TokenStream(
-        config.data.prepared_dir, "train", config.seq_len, config.train.micro_batch_size,
-        seed=config.data.seed, dp_rank=topo.dp_rank, dp_world_size=topo.dp,
-        shuffle_block_shards=config.data.shuffle_block_shards,
-    )
+    stream = build_train_stream(config, topo, index)
     val = eval_batches(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size,
                        config.train.eval_batches)
     root = run_dir / "checkpoints"
@@ -186,6 +208,8 @@ def _run(config: Config, topo: Topology) -> RunSummary:
                      | {"seconds_per_step": summary.seconds_per_step})
     finally:
         sink.close()
+        if hasattr(stream, "close"):
+            stream.close()  # stop DataLoader workers
     _report(summary, topo)
     return summary
 

@@ -1,5 +1,7 @@
 """Data path: corpus -> byte-level BPE tokenizer -> tokenized webdataset shards -> resumable token batches.
 
-Modules: `config` (DataConfig), `corpus` (documents and the train/val split), `tokenizer`, `prepare`
-(shards + index.json, also a CLI), `stream` (TokenStream, eval_batches).
+Modules: `config` (DataConfig), `sources` (text, JSONL, parquet readers and bad-input accounting),
+`corpus` (documents and the train/val split), `tokenizer`, `prepare` (shards + index.json, also a CLI),
+`shards` (open and decode one shard from a path or URL, corrupt-shard detection), `stream` (TokenStream,
+StreamLoader, eval_batches), `mixture` (weighted corpora), `bench` (loader throughput).
 """

@@ -14,7 +14,8 @@ class DataConfig:
 
     source: str = "stdlib"
     """"stdlib": the `.py` files of this Python's standard library (no tests, site-packages, idlelib,
-    lib2to3); otherwise a directory (its `.txt`/`.py` files, recursively) or a glob of files."""
+    lib2to3, pydoc_data); otherwise directories or globs (comma-separated) of `.txt`/`.py`, `.jsonl`,
+    `.jsonl.gz`, `.jsonl.zst` and `.parquet` files."""
 
     prepared_dir: str = "data/prepared/stdlib"
     """Where tokenizer.json, the shards and index.json are written (the trainer makes it absolute)."""

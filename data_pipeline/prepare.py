@@ -375,12 +375,23 @@ def _stale_reason(cfg: DataConfig, out: Path) -> str | None:
     return None
 
 
+def is_remote(location: str) -> bool:
+    """A prepared-dir location that is a URL or a pipe: command template rather than a local directory."""
+    return "://" in location or location.startswith("pipe:")
+
+
 def ensure_prepared(cfg: DataConfig) -> dict:
     """Apply the data.prepare policy ("auto", "always", "never") and return the index.
 
     Call it on one process (rank 0) and barrier before the others read the directory.
     """
+    if is_remote(cfg.prepared_dir):  # shards on a server or behind a command: read, never write
+        from data_pipeline.shards import read_index  # shards imports this module
+
+        return read_index(cfg.prepared_dir)
     out = Path(cfg.prepared_dir)
+    if (out / INDEX_FILE).is_file() and load_index(out).get("external"):
+        return load_index(out)  # shards indexed by data_pipeline.external: nothing here to prepare
     if cfg.prepare == "always":
         return prepare(cfg)
     reason = _stale_reason(cfg, out)

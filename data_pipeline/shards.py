@@ -100,6 +100,8 @@ class LoadedShard:
 def shard_url(base: str | os.PathLike, file: str) -> str:
     """The URL of `file` in a prepared-dir location: a local dir, a URL prefix or a `{shard}` template."""
     base = str(base)
+    if os.path.isabs(file) or "://" in file or file.startswith(("pipe:", "file:")):
+        return file  # an externally indexed shard, listed by its own location
     if SHARD_PLACEHOLDER in base:
         return base.replace(SHARD_PLACEHOLDER, file)  # not str.format: shell commands hold braces too
     if base.startswith("pipe:"):

@@ -61,10 +61,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import SPLIT_MODES
-from data_pipeline.shards import LoadedShard, SkipCounter, load_shard, read_index, shard_url
+from data_pipeline.prepare import TOKENIZER_FILE
+from data_pipeline.shards import LoadedShard, SkipCounter, load_shard, open_shard, read_index, shard_url
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,11 @@ class _Block:
 
     tokens: np.ndarray  # (n_tokens,) uint16/uint32
     order: np.ndarray  # (n_windows,) int64 permutation of the block's window indices
+
+
+def _read_tokenizer(location: str) -> Tokenizer:
+    with open_shard(shard_url(location, TOKENIZER_FILE)) as handle:
+        return Tokenizer.from_str(handle.read().decode())
 
 
 class TokenStream(IterableDataset):
@@ -128,6 +135,8 @@ class TokenStream(IterableDataset):
         # A local directory, a URL prefix (http, s3, ...) or a `pipe:` command template with {shard}.
         self.dir = prepared_dir
         index = read_index(prepared_dir)
+        # Shards indexed by data_pipeline.external hold text: tokenize it as it is read.
+        self._load_kwargs = {"tokenizer": _read_tokenizer(prepared_dir)} if index.get("text_shards") else {}
         if split not in index["splits"]:
             raise ValueError(f"split {split!r} not in {str(self.dir)!r} (has {sorted(index['splits'])})")
         shards = index["splits"][split]["shards"]
@@ -203,7 +212,7 @@ class TokenStream(IterableDataset):
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        shard = load_shard(shard_url(self.dir, name))
+        shard = load_shard(shard_url(self.dir, name), **self._load_kwargs)
         self._cache[name] = shard
         if len(self._cache) > _CACHED_SHARDS:
             self._cache.popitem(last=False)
@@ -236,7 +245,7 @@ class TokenStream(IterableDataset):
             return self._blocks[key]
         layout = self._layout_of(epoch)
         names = layout.blocks[block]
-        loaded_shards = [self.skips.load(shard_url(self.dir, name)) for name in names]
+        loaded_shards = [self.skips.load(shard_url(self.dir, name), **self._load_kwargs) for name in names]
         pieces = [shard.tokens for shard in loaded_shards if shard is not None]
         if not pieces:
             raise ValueError(f"every shard of the block {names} is corrupt")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.config import parse_mixture
 from data_pipeline.mixture import MixtureStream
-from data_pipeline.prepare import ensure_prepared, load_index
+from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shards import read_index
 from data_pipeline.stream import StreamLoader, TokenStream, eval_batches
 from trainer.checkpoint import (
@@ -89,7 +89,7 @@ def _prepare_data(config: Config, topo: Topology) -> dict:
         ensure_prepared(config.data)
     if dist.get_world_size() > 1:
         dist.barrier()
-    return load_index(config.data.prepared_dir)
+    return read_index(config.data.prepared_dir)
 
 
 def build_train_stream(config: Config, topo: Topology, index: dict):

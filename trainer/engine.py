@@ -14,7 +14,7 @@ import itertools
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import deepspeed
 import torch
@@ -30,6 +30,7 @@ from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallel.pipeline import build_pipeline
 from trainer.parallel.topology import MegatronMPU, Topology
 from trainer.sharded_state import adam_step, apply_full_state, gather_full_state
+from trainer.timers import PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
+    # Seconds per phase of this step (data, forward, backward, optimizer; or pipeline).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -142,6 +145,7 @@ class Engine:
         )
         self._last_grad_norm: float | None = None
         self._record_fp32_grad_norm()
+        self.timer = PhaseTimer(topo.device)
 
     def _record_fp32_grad_norm(self) -> None:
         # In fp32 without ZeRO, DeepSpeed's clipping counts the pipeline's tied embedding twice (once
@@ -168,8 +172,10 @@ class Engine:
         """One optimizer step over `grad_accum_steps` micro-batches; the loss is averaged over dp."""
         self._last_grad_norm = None
         if self.pipeline:
-            # The pipeline engine pulls its micro-batches itself and returns their mean loss.
-            loss = self.ds.train_batch(data_iter=batches).detach().float()
+            # The pipeline engine pulls its micro-batches itself and returns their mean loss; its data
+            # waits, forward/backward passes, transfers and optimizer step are one schedule.
+            with self.timer.phase("pipeline"):
+                loss = self.ds.train_batch(data_iter=batches).detach().float()
         else:
             loss = self._accumulate(batches)
         tracked = self.ds.get_global_grad_norm()
@@ -178,16 +184,22 @@ class Engine:
             loss=self._mean_over_data_parallel(loss),
             grad_norm=float("nan") if norm is None else norm,
             lr=self.scheduler.get_last_lr()[0],
+            phases=self.timer.pop(),
         )
 
     def _accumulate(self, batches: Iterator[Batch]) -> torch.Tensor:
         losses = []
         for _ in range(self.config.train.grad_accum_steps):
-            inputs, targets = (t.to(self.topo.device, non_blocking=True) for t in next(batches))
-            loss = self.ds(inputs, targets)
-            # DeepSpeed divides by the accumulation count, so summed gradients are a mean.
-            self.ds.backward(loss)
-            self.ds.step()
+            with self.timer.phase("data"):
+                inputs, targets = (t.to(self.topo.device, non_blocking=True) for t in next(batches))
+            with self.timer.phase("forward"):
+                loss = self.ds(inputs, targets)
+            # DeepSpeed divides by the accumulation count, so summed gradients are a mean. Gradient
+            # all-reduce / reduce-scatter over dp happens inside backward (ZeRO-2/3 hooks) or step.
+            with self.timer.phase("backward"):
+                self.ds.backward(loss)
+            with self.timer.phase("optimizer"):
+                self.ds.step()
             losses.append(loss.detach().float())
         return torch.stack(losses).mean()
 

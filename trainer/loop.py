@@ -46,10 +46,17 @@ class _Throughput:
 
     def restart(self) -> None:
         self.started, self.tokens, self.steps = time.perf_counter(), 0, 0
+        self.phases: dict[str, float] = {}
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, phases: dict[str, float]) -> None:
         self.tokens += tokens
         self.steps += 1
+        for name, seconds in phases.items():
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def phase_means(self) -> dict[str, float]:
+        """Seconds per step in each phase since the last restart."""
+        return {f"time/{name}_s": total / max(1, self.steps) for name, total in self.phases.items()}
 
     def report(self) -> tuple[float, float]:
         """(tokens per second, seconds per step) since the last restart."""
@@ -93,7 +100,7 @@ def train_loop(
             progress.step += 1
             progress.tokens_seen += config.tokens_per_step
             result.tokens_trained += config.tokens_per_step
-            meter.add(config.tokens_per_step)
+            meter.add(config.tokens_per_step, stats.phases)
             result.train_losses[progress.step] = stats.loss
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"loss is {stats.loss} at step {progress.step}; lower optim.lr?")
@@ -108,6 +115,7 @@ def train_loop(
                     "perf/model_flops_per_s": tokens_per_s * flops_per_token,
                     "progress/tokens_seen": progress.tokens_seen,
                     **_data_health(train_batches),
+                    **meter.phase_means(),
                 })
                 meter.restart()
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0

@@ -7,7 +7,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.config import KernelsConfig, ModelConfig, ParallelConfig
-from trainer.cost.flops import forward_flops_per_token, model_flops_per_token
+from trainer.cost.flops import (
+    flops_per_step,
+    forward_flops_per_token,
+    hardware_flops_per_token,
+    model_flops_per_token,
+    six_n_flops_per_token,
+)
+from trainer.cost.params import parameter_count
 from trainer.model import GPT
 from trainer.parallel.topology import init_topology, shutdown_topology
 
@@ -72,3 +79,38 @@ def test_formula_matches_flop_counter_on_a_real_gpt(topology, seq_len):
     )
     assert training.get_total_flops() == pytest.approx(expected, rel=0.02)
     assert logits.shape == (batch, seq_len, model.vocab_size)
+
+
+def test_recompute_adds_one_forward_of_the_blocks_by_hand():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=4, ffn_hidden_size=16, block_size=8)
+    # Same model as above: blocks' forward 384 + 64 = 448 per token, output layer 80, model FLOPs 3*528 = 1584.
+    # Full recompute reruns the block's forward (not the output layer): 1584 + 448 = 2032.
+    assert hardware_flops_per_token(cfg, vocab_size=10, seq_len=8, recompute=False) == 1584
+    assert hardware_flops_per_token(cfg, vocab_size=10, seq_len=8, recompute=True) == 2032
+    # 6N: a 540-parameter model does 6*540 = 3240 FLOPs per token; a step of 4 sequences of 8 tokens, 32x that.
+    assert six_n_flops_per_token(540) == 3240
+    assert flops_per_step(1584, global_batch=4, seq_len=8) == 1584 * 32
+
+
+def test_recompute_formula_matches_flop_counter(topology):
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32)
+    seq_len, batch = 32, 2
+    model = GPT(cfg, KernelsConfig(attention="reference"), vocab_size=100, seed=0, activation_checkpointing=True)
+    idx = torch.randint(0, 100, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(idx).float().pow(2).mean().backward()
+    # The recomputed forward of the reference attention also spends the masked half: 4 passes in all.
+    expected = batch * seq_len * (
+        hardware_flops_per_token(cfg, model.vocab_size, seq_len, recompute=True) + 4 * _masked_half(cfg, seq_len)
+    )
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+
+
+def test_six_n_is_close_to_the_exact_count_for_gpt3_175b():
+    cfg = ModelConfig(n_layer=96, n_head=96, n_embd=12288, block_size=2048, vocab_size=50257,
+                      pad_vocab_to_multiple=128)
+    n = parameter_count(cfg, 50257).total
+    exact = model_flops_per_token(cfg, 50304, 2048)
+    # The attention term (6*L*d*T, ~1.4% here) and the output layer make up nearly all the difference.
+    assert exact / six_n_flops_per_token(n) == pytest.approx(1.0, abs=0.03)
+    assert 3.1e23 < 300e9 * six_n_flops_per_token(n) < 3.2e23  # GPT-3's 3.14e23 FLOPs

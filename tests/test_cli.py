@@ -89,6 +89,10 @@ def test_end_to_end_run_learns_and_reports(small_corpus, tmp_path):
     assert [r["step"] for r in records if "train/loss" in r] == [25, 50, 75, 100, 125, 150]
     assert any("val/loss" in r for r in records) and "summary" in records[-1]
     assert list((run_dir / "wandb").glob("offline-run-*"))  # W&B wrote its offline run locally
+    # The run was reconciled with its plan: MFU and projections logged, a table and a cost plot at the end.
+    assert all("cost/mfu" in r and "cost/gap" in r for r in records if "train/loss" in r)
+    assert "plan vs measured" in log and (run_dir / "cost.png").is_file()
+    assert re.search(r"memory per rank: estimated .* MiB parameters", log)
 
 
 @pytest.mark.slow

@@ -261,6 +261,24 @@ class HardwareConfig:
 
 
 @dataclass
+class CostConfig:
+    """The plan a run is reconciled against while it trains (see trainer/cost/reconcile.py)."""
+
+    # Model FLOPs utilisation the plan assumes (GPT-3-class runs reach 0.35-0.55 on A100/H100).
+    assumed_mfu: float = 0.4
+    # Report where the step time goes when the run is slower than the plan by more than this fraction.
+    gap_margin: float = 0.25
+    # Tokens the run is budgeted for; None means train.max_steps x the global batch in tokens.
+    token_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 < self.assumed_mfu <= 1, "cost.assumed_mfu", "must be in (0, 1]", self.assumed_mfu)
+        _require(self.gap_margin >= 0, "cost.gap_margin", "must be >= 0", self.gap_margin)
+        if self.token_budget is not None:
+            _require(self.token_budget > 0, "cost.token_budget", "must be positive", self.token_budget)
+
+
+@dataclass
 class DeepSpeedConfig:
     """Pass-through for DeepSpeed keys this config does not model; merged last into the generated JSON."""
 
@@ -281,6 +299,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def __post_init__(self) -> None:
         seq_len = self.seq_len

@@ -13,6 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_pipeline.stream import skipped_shards
 from trainer.config import Config
+from trainer.cost.reconcile import Reconciler
 from trainer.engine import Batch, Engine
 from trainer.metrics import MetricsSink
 from trainer.parallel.topology import Topology
@@ -79,6 +80,7 @@ def train_loop(
     save_checkpoint: Callable[[Progress], None],
     sink: MetricsSink,
     flops_per_token: float,
+    reconciler: Reconciler | None = None,
 ) -> LoopResult:
     """Train from `progress.step` to `train.max_steps` (or `train.exit_after_steps` more), in place."""
     train = config.train
@@ -108,6 +110,8 @@ def train_loop(
             is_last = progress.step == last_step
             if progress.step % train.log_interval == 0 or is_last:
                 tokens_per_s, step_s = meter.report()
+                reconciliation = {} if reconciler is None else reconciler.update(
+                    progress.tokens_seen, meter.tokens, meter.tokens / tokens_per_s, meter.phases)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 sink.log(progress.step, {
                     "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
@@ -116,6 +120,7 @@ def train_loop(
                     "progress/tokens_seen": progress.tokens_seen,
                     **_data_health(train_batches),
                     **meter.phase_means(),
+                    **reconciliation,
                 })
                 meter.restart()
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0

@@ -28,6 +28,9 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config, ConfigError
 from trainer.cost import model_flops_per_token
+from trainer.cost.flops import hardware_flops_per_token
+from trainer.cost.memory import Layout, estimate_memory
+from trainer.cost.reconcile import Plan, Reconciler, cpu_peak_flops
 from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
@@ -36,6 +39,7 @@ from trainer.model import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
 
 log = logging.getLogger(__name__)
+MiB = 2**20
 
 
 @dataclass
@@ -198,7 +202,8 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
-        result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token)
+        reconciler = Reconciler(build_plan(config, topo, padded_vocab), config.cost.gap_margin)
+        result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token, reconciler)
         checkpoint = save(progress)
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
             result.val_losses[progress.step] = engine.evaluate(val)
@@ -211,6 +216,8 @@ def _run(config: Config, topo: Topology) -> RunSummary:
         if hasattr(stream, "close"):
             stream.close()  # stop DataLoader workers
     _report(summary, topo)
+    if topo.is_main:
+        _report_plan(reconciler, summary, config, topo, padded_vocab, run_dir, engine.precision)
     return summary
 
 
@@ -231,6 +238,40 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
         train_losses=result.train_losses,
         val_losses=result.val_losses,
     )
+
+
+def build_plan(config: Config, topo: Topology, padded_vocab: int) -> Plan:
+    """The run's plan: its token budget at cost.assumed_mfu of the hardware's peak (a CPU's is measured)."""
+    peak, source = config.hardware.peak_flops, config.hardware.name
+    if peak <= 0:
+        peak, source = cpu_peak_flops(), "CPU (measured matmul peak)"
+    return Plan(
+        devices=topo.world_size, peak_flops=peak, peak_source=source, assumed_mfu=config.cost.assumed_mfu,
+        flops_per_token=model_flops_per_token(config.model, padded_vocab, config.seq_len),
+        hardware_flops_per_token=hardware_flops_per_token(config.model, padded_vocab, config.seq_len,
+                                                          config.train.activation_checkpointing),
+        token_budget=config.cost.token_budget or config.train.max_steps * config.tokens_per_step,
+        price_per_hour=config.hardware.price_per_hour,
+    )
+
+
+def _report_plan(reconciler: Reconciler, summary: RunSummary, config: Config, topo: Topology,
+                 padded_vocab: int, run_dir: Path, precision: str) -> None:
+    """Planned versus measured: the table, the cost plot, and estimated versus measured memory."""
+    if reconciler.history:
+        log.info("plan vs measured (%d x %s):\n%s", reconciler.plan.devices, reconciler.plan.peak_source,
+                 reconciler.summary())
+        plot = reconciler.plot(run_dir / "cost.png")
+        if plot:
+            log.info("cost plot: %s", plot)
+    layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, zero_stage=config.parallel.zero_stage,
+                    micro_batch=config.train.micro_batch_size, seq_len=config.seq_len,
+                    recompute=config.train.activation_checkpointing, precision="bf16" if precision != "fp32" else "fp32",
+                    micro_batches=config.train.grad_accum_steps)
+    estimate = estimate_memory(config.model, padded_vocab, layout, config.hardware)
+    measured = max(summary.memory_per_rank, key=lambda m: m["params_mb"] + m["optimizer_mb"])
+    log.info("memory per rank: estimated %.1f MiB parameters + %.1f MiB optimizer state, measured %.1f + %.1f MiB",
+             estimate.params / MiB, estimate.optimizer / MiB, measured["params_mb"], measured["optimizer_mb"])
 
 
 def _report(summary: RunSummary, topo: Topology) -> None:

@@ -70,6 +70,27 @@ def _data_health(train_batches: Iterable[Batch]) -> dict[str, int]:
     return {} if skipped is None else {"data/skipped_shards": skipped}
 
 
+def _report_interval(progress: Progress, stats, meter: _Throughput, reconciler: Reconciler | None, bar,
+                     sink: MetricsSink, flops_per_token: float, train_batches: Iterable[Batch]) -> None:
+    """Log one interval's metrics (and the plan reconciliation) and refresh the progress bar."""
+    tokens_per_s, step_s = meter.report()
+    reconciliation = {} if reconciler is None else reconciler.update(
+        progress.tokens_seen, meter.tokens, meter.tokens / tokens_per_s, meter.phases)
+    postfix = {"loss": f"{stats.loss:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+    if "cost/mfu" in reconciliation:
+        postfix["mfu"] = f"{reconciliation['cost/mfu']:.1%}"
+    bar.set_postfix(postfix, refresh=False)
+    sink.log(progress.step, {
+        "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
+        "perf/tokens_per_s": tokens_per_s, "perf/step_s": step_s,
+        "perf/model_flops_per_s": tokens_per_s * flops_per_token,
+        "progress/tokens_seen": progress.tokens_seen,
+        **_data_health(train_batches),
+        **meter.phase_means(),
+        **reconciliation,
+    })
+
+
 def train_loop(
     engine: Engine,
     train_batches: Iterable[Batch],
@@ -109,19 +130,7 @@ def train_loop(
             bar.update(1)
             is_last = progress.step == last_step
             if progress.step % train.log_interval == 0 or is_last:
-                tokens_per_s, step_s = meter.report()
-                reconciliation = {} if reconciler is None else reconciler.update(
-                    progress.tokens_seen, meter.tokens, meter.tokens / tokens_per_s, meter.phases)
-                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                sink.log(progress.step, {
-                    "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
-                    "perf/tokens_per_s": tokens_per_s, "perf/step_s": step_s,
-                    "perf/model_flops_per_s": tokens_per_s * flops_per_token,
-                    "progress/tokens_seen": progress.tokens_seen,
-                    **_data_health(train_batches),
-                    **meter.phase_means(),
-                    **reconciliation,
-                })
+                _report_interval(progress, stats, meter, reconciler, bar, sink, flops_per_token, train_batches)
                 meter.restart()
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0
             if evaluate_now or progress.step == train.max_steps:

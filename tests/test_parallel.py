@@ -201,3 +201,23 @@ def test_sequence_parallel_is_refused_on_the_cpu(small_run):
                     device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="sequence_parallel=true needs CUDA"):
         build_model(config, 512, topo)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_estimated_memory_matches_the_measured_ranks(zero_stage, small_corpus, tmp_path):
+    from tests.conftest import compose_config
+    from trainer.cost.memory import Layout, estimate_memory
+
+    args = ["nproc=2", f"parallel.zero_stage={zero_stage}", "train.grad_accum_steps=2", *SMALL_RUN,
+            *_data_args(small_corpus), "model.n_embd=64", "train.max_steps=2", "train.eval_interval=0",
+            "train.checkpoint_interval=0", "train.run_name=memory"]
+    result = launch(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "memory" / "metrics.jsonl").read_text().splitlines()]
+    measured = records[-1]["summary"]["memory_per_rank"]
+    config = compose_config([*SMALL_RUN, "model.n_embd=64", "train.run_dir=."])
+    layout = Layout(dp=2, zero_stage=zero_stage, micro_batch=4, seq_len=32, precision="fp32", micro_batches=2)
+    estimate = estimate_memory(config.model, 512, layout, config.hardware)
+    for rank in measured:  # ZeRO pads partitions to alignment: a few percent of a model this small
+        assert rank["params_mb"] == pytest.approx(estimate.params / 2**20, rel=0.05)
+        assert rank["optimizer_mb"] == pytest.approx(estimate.optimizer / 2**20, rel=0.05)

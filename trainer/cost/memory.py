@@ -165,6 +165,10 @@ def _stage_memory(model: ModelConfig, vocab_size: int, layout: Layout, hardware:
     params = stage_parameters_per_rank(model, vocab_size, layout, stage)
     param_bytes, grad_bytes, optimizer_bytes = (n * params for n in STATE_BYTES[layout.precision])
     dp, zero = layout.dp, layout.zero_stage
+    if layout.precision == "fp32" and zero >= 1:
+        # DeepSpeed's ZeRO optimizers keep their own fp32 master partition even when the model is fp32
+        # (measured: docs/layouts.md), so fp32 ZeRO holds 4 more bytes per parameter, sharded like the rest.
+        optimizer_bytes += 4 * params
     return MemoryEstimate(
         stage=stage,
         params=param_bytes / (dp if zero >= 3 else 1),

@@ -58,6 +58,8 @@ def test_summary_and_plot(tmp_path):
 
 def test_phase_description_orders_by_time():
     assert describe_phases({"optimizer": 1.0, "backward": 3.0}) == "backward 75% (3 s), optimizer 25% (1 s)"
+    assert describe_phases({"optimizer": 1.0, "backward": 3.0, "communication": 2.0}).endswith(
+        "; of which communication 50% (2 s)")
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):

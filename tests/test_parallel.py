@@ -221,3 +221,15 @@ def test_estimated_memory_matches_the_measured_ranks(zero_stage, small_corpus, t
     for rank in measured:  # ZeRO pads partitions to alignment: a few percent of a model this small
         assert rank["params_mb"] == pytest.approx(estimate.params / 2**20, rel=0.05)
         assert rank["optimizer_mb"] == pytest.approx(estimate.optimizer / 2**20, rel=0.05)
+
+
+def test_communication_is_timed_and_reported_when_behind_plan(small_corpus, tmp_path):
+    args = ["nproc=2", "parallel.zero_stage=1", "train.grad_accum_steps=2", "cost.time_communication=true",
+            *SMALL_RUN, *_data_args(small_corpus), "train.max_steps=3", "train.eval_interval=0",
+            "train.checkpoint_interval=0", "train.run_name=comm"]
+    result = launch(args, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    communication = train_metric(tmp_path / "runs" / "comm", "time/communication_s")
+    assert sorted(communication) == [1, 2, 3] and all(seconds > 0 for seconds in communication.values())
+    # A tiny model on a CPU is far below 40% MFU: the log says where the step time goes.
+    assert "of which communication" in result.stdout + result.stderr

@@ -270,6 +270,9 @@ class CostConfig:
     gap_margin: float = 0.25
     # Tokens the run is budgeted for; None means train.max_steps x the global batch in tokens.
     token_budget: float | None = None
+    # Time DeepSpeed's collectives (data-parallel all-reduce, ZeRO gathers and reduce-scatters, pipeline
+    # transfers) through its comms logger; each is synchronised, so it slows a GPU run a little.
+    time_communication: bool = False
 
     def __post_init__(self) -> None:
         _require(0 < self.assumed_mfu <= 1, "cost.assumed_mfu", "must be in (0, 1]", self.assumed_mfu)

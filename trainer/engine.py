@@ -35,6 +35,8 @@ from trainer.timers import PhaseTimer
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# The phase DeepSpeed's collectives are timed under; it overlaps backward and optimizer, not adds to them.
+COMMUNICATION = "communication"
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -67,6 +69,8 @@ def build_deepspeed_config(config: Config, precision: str) -> dict:
             "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                        "weight_decay": optim.weight_decay},
         }
+    if config.cost.time_communication:
+        ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     if precision == "bf16":
         # Autocast with fp32 master weights: matmuls in bf16, reductions and optimizer in fp32.
         ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
@@ -184,8 +188,18 @@ class Engine:
             loss=self._mean_over_data_parallel(loss),
             grad_norm=float("nan") if norm is None else norm,
             lr=self.scheduler.get_last_lr()[0],
-            phases=self.timer.pop(),
+            phases=self.timer.pop() | self._communication_seconds(),
         )
+
+    def _communication_seconds(self) -> dict[str, float]:
+        """Seconds DeepSpeed's comms logger timed since the last step (empty when it is off)."""
+        logger = deepspeed.comm.comm.comms_logger
+        if not logger.enabled:
+            return {}
+        # Records are {op: {message size: [count, latencies in ms, algbw, busbw]}}; drain them each step.
+        total_ms = sum(sum(record[1]) for sizes in logger.comms_dict.values() for record in sizes.values())
+        logger.comms_dict = {}
+        return {COMMUNICATION: total_ms / 1000}
 
     def _accumulate(self, batches: Iterator[Batch]) -> torch.Tensor:
         losses = []

@@ -40,6 +40,8 @@ class Assumptions:
     inter_node_bandwidth: float = 25e9
     gpus_per_node: int = 8
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    # Memory kept free for the allocator's fragmentation, NCCL and temporary buffers the estimate omits.
+    memory_reserve_fraction: float = 0.1
 
 
 @dataclass
@@ -88,7 +90,7 @@ def search_layouts(model: ModelConfig, vocab_size: int, hardware: HardwareConfig
     candidates = []
     for layout in _layouts(model, gpus, global_batch, seq_len, precision, assumptions):
         candidate = Candidate(layout, estimate_memory(model, vocab_size, layout, hardware))
-        candidate.blocked = _blocked(candidate, global_batch)
+        candidate.blocked = _blocked(candidate, global_batch, assumptions.memory_reserve_fraction)
         if candidate.blocked is None:
             candidate.times = step_times(model, vocab_size, hardware, layout, global_batch, assumptions)
             candidate.mfu = assumptions.base_mfu * candidate.times["compute"] / candidate.step_seconds
@@ -123,7 +125,7 @@ def _layouts(model: ModelConfig, gpus: int, global_batch: int, seq_len: int, pre
                                      precision=precision, micro_batches=m)
 
 
-def _blocked(candidate: Candidate, global_batch: int) -> str | None:
+def _blocked(candidate: Candidate, global_batch: int, reserve_fraction: float) -> str | None:
     layout, memory = candidate.layout, candidate.memory
     if global_batch % (layout.dp * layout.micro_batch):
         candidate.category = "batch"
@@ -135,6 +137,10 @@ def _blocked(candidate: Candidate, global_batch: int) -> str | None:
         candidate.category = "memory"
         return (f"doesn't fit: needs {memory.total / GiB:.1f} GiB, {-memory.headroom / GiB:.1f} GiB over "
                 f"{memory.budget / GiB:.0f} GiB ({memory.stage} stage)")
+    if memory.headroom < reserve_fraction * memory.budget:
+        candidate.category = "reserve"
+        return (f"too tight: {memory.total / GiB:.1f} of {memory.budget / GiB:.0f} GiB leaves less than the "
+                f"{reserve_fraction:.0%} kept for fragmentation and buffers ({memory.stage} stage)")
     return None
 
 

@@ -272,6 +272,12 @@ def _report_plan(reconciler: Reconciler, summary: RunSummary, config: Config, to
     measured = max(summary.memory_per_rank, key=lambda m: m["params_mb"] + m["optimizer_mb"])
     log.info("memory per rank: estimated %.1f MiB parameters + %.1f MiB optimizer state, measured %.1f + %.1f MiB",
              estimate.params / MiB, estimate.optimizer / MiB, measured["params_mb"], measured["optimizer_mb"])
+    peak = max(summary.memory_per_rank, key=lambda m: m.get("device_peak_mb", m["peak_rss_mb"]))
+    what = "device peak (max allocated)" if "device_peak_mb" in peak else "process peak RSS (libraries included)"
+    log.info("memory per rank: estimated %.1f MiB in all (states %.1f + gradients %.1f + activations %.1f), "
+             "measured %s %.0f MiB", estimate.total / MiB, estimate.model_states / MiB - estimate.grads / MiB,
+             estimate.grads / MiB, estimate.activations / MiB, what,
+             peak.get("device_peak_mb", peak["peak_rss_mb"]))
 
 
 def _report(summary: RunSummary, topo: Topology) -> None:

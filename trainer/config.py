@@ -6,6 +6,7 @@ names, types and allowed values. Each `__post_init__` raises `ConfigError` namin
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, problem: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {problem}")
+
+
+def parse_signals(names: str) -> list[signal.Signals]:
+    """`"SIGUSR1,SIGTERM"` as signals; an unknown name raises ConfigError naming it."""
+    signals = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        try:
+            signals.append(signal.Signals[name])
+        except KeyError:
+            raise ConfigError(f"train.preemption_signals: {name!r} is not a signal name (e.g. SIGUSR1)") from None
+    return signals
 
 
 def _require_choice(key: str, value: Any, choices: tuple) -> None:
@@ -200,6 +212,10 @@ class TrainConfig:
     # auto: cuda when available, else cpu.
     device: str = "auto"
     progress_bar: bool = True
+    # Signals that mean "the machines are about to go": finish the step, checkpoint, exit for a requeue.
+    preemption_signals: str = "SIGUSR1,SIGTERM"
+    # Exit status after such a stop (75 = EX_TEMPFAIL, "try again"); job scripts requeue on it.
+    preemption_exit_code: int = 75
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
@@ -213,6 +229,9 @@ class TrainConfig:
         _require(bool(self.resume), "train.resume", "must be auto, never or a checkpoint path", self.resume)
         _require_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _require_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _require(0 < self.preemption_exit_code < 256, "train.preemption_exit_code", "must be in 1..255",
+                 self.preemption_exit_code)
+        parse_signals(self.preemption_signals)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from trainer.cost.reconcile import Reconciler
 from trainer.engine import Batch, Engine
 from trainer.metrics import MetricsSink
 from trainer.parallel.topology import Topology
+from trainer.preemption import PreemptionWatch
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class LoopResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     tokens_trained: int = 0
+    # The signal that stopped the run early (see trainer/preemption.py), if one did.
+    preempted_by: str | None = None
 
 
 class _Throughput:
@@ -102,6 +105,7 @@ def train_loop(
     sink: MetricsSink,
     flops_per_token: float,
     reconciler: Reconciler | None = None,
+    preemption: PreemptionWatch | None = None,
 ) -> LoopResult:
     """Train from `progress.step` to `train.max_steps` (or `train.exit_after_steps` more), in place."""
     train = config.train
@@ -139,6 +143,9 @@ def train_loop(
                 log.info("step %d: train loss %.4f, val loss %.4f", progress.step, stats.loss,
                          result.val_losses[progress.step])
                 meter.restart()
+            if preemption is not None and not is_last and preemption.requested():
+                result.preempted_by = preemption.received
+                break  # the caller writes the checkpoint
             if train.checkpoint_interval and progress.step % train.checkpoint_interval == 0 and not is_last:
                 save_checkpoint(progress)
                 meter.restart()

@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> None:
         log.error("config error: %s", err)
         sys.exit(2)
     from trainer.checkpoint import CheckpointError
+    from trainer.preemption import Preempted
     from trainer.run import run
 
     try:
@@ -37,6 +38,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         log.error("error: %s", err)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("%s; run again (or requeue) to resume", stop)
+        sys.exit(config.train.preemption_exit_code)
     log.info("total wall time %.1f s", time.perf_counter() - started)
 
 

@@ -37,6 +37,7 @@ from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
 from trainer.model import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
+from trainer.preemption import Preempted, PreemptionWatch
 
 log = logging.getLogger(__name__)
 MiB = 2**20
@@ -203,8 +204,15 @@ def _run(config: Config, topo: Topology) -> RunSummary:
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
         reconciler = Reconciler(build_plan(config, topo, padded_vocab), config.cost.gap_margin)
-        result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token, reconciler)
+        preemption = PreemptionWatch(config.train.preemption_signals, topo.device)
+        try:
+            result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
+                                reconciler, preemption)
+        finally:
+            preemption.close()
         checkpoint = save(progress)
+        if result.preempted_by:  # the machines are going: no final evaluation, straight out
+            raise Preempted(result.preempted_by, progress.step, str(checkpoint))
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
             result.val_losses[progress.step] = engine.evaluate(val)
         summary = _summarise(progress, result, index, checkpoint, flops_per_token, num_parameters)

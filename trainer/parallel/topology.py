@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from launch.rendezvous import apply_rank_env
 from trainer.config import ConfigError, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def _init_torch_process_group(device: torch.device, backend: str) -> None:
 
 def init_topology(parallel: ParallelConfig, device_name: str = "auto") -> Topology:
     """Start the process groups for the configured layout and return this rank's coordinates."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        apply_rank_env()  # srun starts one task per rank and sets only SLURM_* variables
     device = resolve_device(device_name)
     _start_process_group(device)
     world_size = dist.get_world_size()

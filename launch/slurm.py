@@ -1,0 +1,212 @@
+"""Submit a multi-node run to SLURM: `python -m launch.slurm cluster=slurm nodes=2 gpus_per_node=8 time=02:00:00
+partition=gpu [account=x] [--dry-run] parallel.tp=8 ...`.
+
+As with launch.local, the trainer config is composed and validated here first, so a bad layout fails before
+anything is queued. Then an sbatch script is rendered: one srun task per GPU (one per node on CPU nodes), each
+running `trainer.pretrain` with the same overrides and a pinned `hydra.run.dir` so every rank, and every
+requeued rerun, agrees on the run directory (and resume=auto finds its checkpoints). Ahead of the time limit
+SLURM sends SIGUSR1; the trainer checkpoints and exits with train.preemption_exit_code, and the script requeues.
+Each task derives RANK etc. from SLURM's variables (launch.rendezvous.apply_rank_env).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.local import _override_value
+from trainer.config import ConfigError, compose_config
+
+log = logging.getLogger(__name__)
+
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch's MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class SlurmArgs:
+    """Launcher-level settings that are sbatch's business, not the trainer's."""
+
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    cpus_per_task: int = 8
+    # Seconds before the time limit at which SLURM sends SIGUSR1: enough to finish a step and checkpoint.
+    signal_lead: int = 120
+    dry_run: bool = False
+
+
+def _positive_int(key: str, value: str, minimum: int = 1) -> int:
+    if not value.isdigit() or int(value) < minimum:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+def split_launcher_args(argv: list[str]) -> tuple[SlurmArgs, list[str]]:
+    """Take the launcher's own arguments out; `nodes=`/`gpus_per_node=` become cluster.* overrides."""
+    args, overrides = SlurmArgs(), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if arg == "--dry-run":
+            args.dry_run = True
+        elif key in ("nodes", "gpus_per_node"):
+            _positive_int(key, value, minimum=1 if key == "nodes" else 0)
+            overrides.append(f"cluster.{key}={value}")
+        elif key == "time":
+            if not _TIME.match(value):
+                raise ConfigError(f"time={value!r}: must be like 02:00:00, 90 or 1-12:00:00")
+            args.time = value
+        elif key in ("partition", "account"):
+            if not _NAME.match(value):
+                raise ConfigError(f"{key}={value!r}: must be a plain SLURM name")
+            setattr(args, key, value)
+        elif key in ("cpus_per_task", "signal_lead"):
+            setattr(args, key, _positive_int(key, value))
+        elif arg.startswith("--"):
+            raise ConfigError(f"{arg}: unknown option (only --dry-run)")
+        else:
+            overrides.append(arg)
+    if _override_value(overrides, "cluster") is None:
+        overrides.insert(0, "cluster=slurm")
+    return args, overrides
+
+
+def resolve_job(overrides: list[str]):
+    """Validate the config for nodes * tasks_per_node ranks; return (config, overrides with parallel.dp explicit)."""
+    # The run directory is pinned in the script; any placeholder validates the rest.
+    config = compose_config([*overrides, "train.run_dir=."])
+    world = config.cluster.nodes * tasks_per_node(config.cluster.gpus_per_node)
+    tp, pp = config.parallel.tp, config.parallel.pp
+    if _override_value(overrides, "parallel.dp") is None:
+        if world % (tp * pp):
+            raise ConfigError(f"{_world_text(config)} ranks: must be a multiple of parallel.tp*pp = {tp}*{pp}")
+        overrides = [*overrides, f"parallel.dp={world // (tp * pp)}"]
+        config = compose_config([*overrides, "train.run_dir=."])
+    if config.parallel.world_size != world:
+        raise ConfigError(f"{_world_text(config)} ranks but parallel.tp*pp*dp = {tp}*{pp}*{config.parallel.dp} "
+                          f"= {config.parallel.world_size}")
+    if not _NAME.match(config.train.run_name):
+        raise ConfigError(f"train.run_name={config.train.run_name!r}: must be usable as a directory name")
+    return config, overrides
+
+
+def tasks_per_node(gpus_per_node: int) -> int:
+    """One rank per GPU; a CPU node runs one rank that uses all its cores."""
+    return gpus_per_node or 1
+
+
+def _world_text(config) -> str:
+    nodes, gpus = config.cluster.nodes, config.cluster.gpus_per_node
+    return f"cluster.nodes*gpus_per_node = {nodes}*{gpus} = {nodes * gpus}" if gpus else f"{nodes} CPU node(s), 1"
+
+
+def job_run_dir(config, overrides: list[str]) -> str:
+    """`runs/<train.run_name>`, as conf/config.yaml would pick, unless hydra.run.dir is given."""
+    return _override_value(overrides, "hydra.run.dir") or f"runs/{config.train.run_name}"
+
+
+def render_script(config, overrides: list[str], args: SlurmArgs, python: str = sys.executable,
+                  workdir: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The sbatch script for this run; `overrides` are passed to every rank of trainer.pretrain."""
+    env = os.environ if env is None else env
+    run_dir = job_run_dir(config, overrides)
+    gpus = config.cluster.gpus_per_node
+    sbatch = [
+        f"--job-name={config.train.run_name}",
+        f"--nodes={config.cluster.nodes}",
+        f"--ntasks-per-node={tasks_per_node(gpus)}",
+        *([f"--gpus-per-node={gpus}"] if gpus else []),
+        f"--cpus-per-task={args.cpus_per_task}",
+        *([f"--time={args.time}"] if args.time else []),
+        *([f"--partition={args.partition}"] if args.partition else []),
+        *([f"--account={args.account}"] if args.account else []),
+        f"--chdir={workdir or os.getcwd()}",
+        f"--output={run_dir}/slurm-%j.out",
+        f"--error={run_dir}/slurm-%j.out",
+        f"--signal=USR1@{args.signal_lead}",
+        "--requeue",
+        # A requeued job appends to the same log instead of truncating the first attempt's.
+        "--open-mode=append",
+    ]
+    exports = {
+        "OMP_NUM_THREADS": str(args.cpus_per_task),
+        "NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "PYTHONUNBUFFERED": "1",
+        **({"WANDB_MODE": env["WANDB_MODE"]} if env.get("WANDB_MODE") else {}),
+    }
+    pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
+    command = [python, "-m", "trainer.pretrain", *pinned, f"hydra.run.dir={run_dir}"]
+    code = config.train.preemption_exit_code
+    lines = [
+        "#!/bin/bash",
+        "# Written by launch.slurm; resubmit with `sbatch` on this file.",
+        *(f"#SBATCH {option}" for option in sbatch),
+        "",
+        *(f"export {key}={shlex.quote(value)}" for key, value in exports.items()),
+        "",
+        # Without a trap, SLURM's SIGTERM would kill this shell before srun returns and the requeue below.
+        "trap 'echo \"batch script: SIGTERM, waiting for srun\"' TERM",
+        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+        "srun --kill-on-bad-exit=1 " + shlex.join(command),
+        "status=$?",
+        f"# {code} (train.preemption_exit_code): the trainer checkpointed on SIGUSR1/SIGTERM; queue it again.",
+        f'if [ "$status" -eq {code} ]; then',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit(script_path: Path) -> str:
+    """Run sbatch on the script; return the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise FileNotFoundError(f"sbatch not found on PATH; the job script is at {script_path} "
+                                "(submit it on a SLURM login node, or use --dry-run to print it)")
+    result = subprocess.run([sbatch, str(script_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}")
+    match = re.search(r"Submitted batch job (\d+)", result.stdout)
+    if match is None:
+        raise RuntimeError(f"sbatch {script_path}: no job id in its output {result.stdout.strip()!r}")
+    return match.group(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    try:
+        args, overrides = split_launcher_args(sys.argv[1:] if argv is None else argv)
+        config, overrides = resolve_job(overrides)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
+    script = render_script(config, overrides, args)
+    if args.dry_run:
+        sys.stdout.write(script)
+        return 0
+    run_dir = job_run_dir(config, overrides)
+    script_path = Path(run_dir, "job.sbatch")
+    # SLURM opens --output before the job starts and does not create its directory.
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script)
+    try:
+        job_id = submit(script_path)
+    except (FileNotFoundError, RuntimeError) as err:
+        log.error("%s", err)
+        return 1
+    log.info("submitted job %s: %s; log in %s/slurm-%s.out", job_id, script_path, run_dir, job_id)
+    sys.stdout.write(f"{job_id}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

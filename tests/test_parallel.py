@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,27 @@ def test_communication_is_timed_and_reported_when_behind_plan(small_corpus, tmp_
     assert sorted(communication) == [1, 2, 3] and all(seconds > 0 for seconds in communication.values())
     # A tiny model on a CPU is far below 40% MFU: the log says where the step time goes.
     assert "of which communication" in result.stdout + result.stderr
+
+
+def test_a_dead_rank_stops_the_whole_job_and_is_named(small_corpus, tmp_path):
+    import psutil
+
+    args = [sys.executable, "-m", "launch.local", "nproc=2", "parallel.zero_stage=1", "train.grad_accum_steps=2",
+            *SMALL_RUN, *_data_args(small_corpus), "train.max_steps=100000", "train.eval_interval=0",
+            "train.checkpoint_interval=0", "train.run_name=dies", "cluster.collective_timeout_s=30"]
+    job = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    metrics = tmp_path / "runs" / "dies" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if "trainer.pretrain" in " ".join(p.cmdline()) and p.environ().get("LOCAL_RANK") == "1"]
+    assert len(ranks) == 1, "rank 1 not found"
+    ranks[0].kill()
+    killed = time.monotonic()
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - killed < 60  # the surviving rank does not hang on its next collective
+    # torchrun names the rank that failed first, and how.
+    assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\).*?SIGKILL", output, re.S), output[-3000:]

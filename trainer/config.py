@@ -256,10 +256,14 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0
+    # A collective that waits longer than this fails instead of hanging (e.g. a peer rank died).
+    collective_timeout_s: int = 600
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "cluster.nodes", "must be >= 1", self.nodes)
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", self.gpus_per_node)
+        _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be positive",
+                 self.collective_timeout_s)
 
 
 @dataclass

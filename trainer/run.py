@@ -174,7 +174,7 @@ def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, ro
 
 def run(config: Config) -> RunSummary:
     """Pretrain as configured; returns the summary that is also printed and sent to W&B."""
-    topo = init_topology(config.parallel, config.train.device)
+    topo = init_topology(config.parallel, config.train.device, config.cluster.collective_timeout_s)
     try:
         return _run(config, topo)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import deepspeed
 import torch
@@ -86,20 +87,20 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _start_process_group(device: torch.device) -> None:
+def _start_process_group(device: torch.device, timeout: timedelta) -> None:
     """Join the job's process group (env:// from torchrun/SLURM), or make a one-process group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        _init_torch_process_group(device, backend)
+        _init_torch_process_group(device, backend, timeout)
     # DeepSpeed's communication layer adopts the existing group (its pipeline module asks it for ranks).
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
-def _init_torch_process_group(device: torch.device, backend: str) -> None:
+def _init_torch_process_group(device: torch.device, backend: str, timeout: timedelta) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "MASTER_ADDR" in os.environ:  # started by torchrun / srun: rendezvous through MASTER_ADDR:MASTER_PORT
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
         return
     # A lone process needs no rendezvous: an in-memory store, so no port can be taken by someone else.
     # (DeepSpeed still reads the rank variables a launcher would have set.)
@@ -107,12 +108,12 @@ def _init_torch_process_group(device: torch.device, backend: str) -> None:
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def init_topology(parallel: ParallelConfig, device_name: str = "auto") -> Topology:
+def init_topology(parallel: ParallelConfig, device_name: str = "auto", collective_timeout_s: int = 600) -> Topology:
     """Start the process groups for the configured layout and return this rank's coordinates."""
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
         apply_rank_env()  # srun starts one task per rank and sets only SLURM_* variables
     device = resolve_device(device_name)
-    _start_process_group(device)
+    _start_process_group(device, timedelta(seconds=collective_timeout_s))
     world_size = dist.get_world_size()
     if world_size != parallel.world_size:
         raise ConfigError(

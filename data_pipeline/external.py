@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.prepare import INDEX_FILE, TOKENIZER_FILE, token_dtype, unigram_entropy
+from data_pipeline.prepare import INDEX_FILE, TOKENIZER_FILE, atomic_write_bytes, token_dtype, unigram_entropy
 from data_pipeline.shards import load_shard
 from data_pipeline.tokenizer import eot_id, load_tokenizer
 
@@ -73,9 +73,7 @@ def index_external_shards(train: list[str], val: list[str], tokenizer_path: str,
         "train_unigram_entropy_nats": unigram_entropy(counts),
         "splits": splits,
     }
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(out / INDEX_FILE)
+    atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
     return index
 
 

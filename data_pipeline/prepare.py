@@ -118,7 +118,8 @@ def num_workers(cfg: DataConfig) -> int:
     return cfg.prepare_workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -267,7 +268,7 @@ def unigram_entropy(counts: np.ndarray) -> float:
 def _commit(out: Path, tok: Tokenizer, index: dict) -> None:
     """Swap the new shards and tokenizer in, drop shards of an older prepare, then write index.json."""
     (out / INDEX_FILE).unlink(missing_ok=True)  # no index while files are being swapped
-    _atomic_write_bytes(out / TOKENIZER_FILE, tok.to_str().encode())
+    atomic_write_bytes(out / TOKENIZER_FILE, tok.to_str().encode())
     keep = set()
     for split in SPLITS:
         for shard in index["splits"][split]["shards"]:
@@ -277,7 +278,7 @@ def _commit(out: Path, tok: Tokenizer, index: dict) -> None:
         for old in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].tar"):
             if old.name not in keep:
                 old.unlink()
-    _atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
+    atomic_write_bytes(out / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
 
 
 def _encode_pool(tok: Tokenizer, workers: int) -> contextlib.AbstractContextManager[Pool | None]:
@@ -390,8 +391,9 @@ def ensure_prepared(cfg: DataConfig) -> dict:
 
         return read_index(cfg.prepared_dir)
     out = Path(cfg.prepared_dir)
-    if (out / INDEX_FILE).is_file() and load_index(out).get("external"):
-        return load_index(out)  # shards indexed by data_pipeline.external: nothing here to prepare
+    existing = load_index(out) if (out / INDEX_FILE).is_file() else None
+    if existing is not None and existing.get("external"):
+        return existing  # shards indexed by data_pipeline.external: nothing here to prepare
     if cfg.prepare == "always":
         return prepare(cfg)
     reason = _stale_reason(cfg, out)

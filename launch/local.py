@@ -62,7 +62,8 @@ def torchrun_command(nproc: int, overrides: list[str], master_port: int) -> list
     ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
-    command = torchrun_command(nproc, overrides, _free_port())
+    command = torchrun_command(nproc, overrides, free_port())
     log.info("starting %d processes: %s", nproc, " ".join(command[1:]))
     # One thread per rank unless told otherwise: ranks share the machine's cores.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}

@@ -28,6 +28,43 @@ SMALL_RUN = [
 ]  # fmt: skip
 
 
+def small_corpus_args(prepared: Path) -> list[str]:
+    """The data overrides that match `small_corpus`, so training reuses it rather than preparing again."""
+    return [f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
+            "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
+
+
+@pytest.fixture(scope="module")
+def cpu_topology():
+    """A one-process gloo group and megatron-core's parallel_state at tp=pp=dp=1, one intra-op thread.
+
+    The tensors are tiny, and on a loaded 2-core machine two spinning OpenMP threads made a 30-step
+    training test take 3-15 s instead of 0.15 s. The process group stays up after teardown so that later
+    tests in this process can reuse it.
+    """
+    import torch
+
+    from trainer.config import ParallelConfig
+    from trainer.parallel import init_topology, shutdown_topology
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield init_topology(ParallelConfig(), "cpu")
+    shutdown_topology()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test of tiny tensors on one intra-op thread (a second only spins on a loaded machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A ~1 MB slice of the standard library, prepared once with a 512-token vocabulary."""
@@ -43,9 +80,7 @@ def small_run(small_corpus, tmp_path):
 
     def build(*overrides: str) -> Config:
         return compose_config([
-            *SMALL_RUN, f"data.prepared_dir={small_corpus}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
-            "data.shard_max_tokens=20000", "data.val_fraction=0.1", f"train.run_dir={tmp_path / 'run'}",
-            *overrides,
+            *SMALL_RUN, *small_corpus_args(small_corpus), f"train.run_dir={tmp_path / 'run'}", *overrides,
         ])
 
     return build

@@ -10,18 +10,13 @@ import sys
 
 import pytest
 
-from tests.conftest import SMALL_RUN
+from tests.conftest import SMALL_RUN, small_corpus_args
 
 
 def pretrain(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", "trainer.pretrain", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def data_args(prepared) -> list[str]:
-    return [f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
-            "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
 
 
 @pytest.mark.parametrize(
@@ -71,7 +66,7 @@ def test_cfg_job_prints_the_resolved_config(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_run_learns_and_reports(small_corpus, tmp_path):
-    args = [*SMALL_RUN, *data_args(small_corpus), "model.n_embd=64", "model.block_size=64", "train.max_steps=150",
+    args = [*SMALL_RUN, *small_corpus_args(small_corpus), "model.n_embd=64", "model.block_size=64", "train.max_steps=150",
             "train.micro_batch_size=16", "train.log_interval=25", "train.eval_interval=50",
             "train.checkpoint_interval=100", "optim.lr=3e-3", "optim.warmup_steps=10", "logging.wandb=true",
             "train.run_name=e2e"]
@@ -97,7 +92,7 @@ def test_end_to_end_run_learns_and_reports(small_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_runs_each_job(small_corpus, tmp_path):
-    args = ["-m", "optim.lr=1e-3,2e-3", *SMALL_RUN, *data_args(small_corpus), "train.max_steps=3",
+    args = ["-m", "optim.lr=1e-3,2e-3", *SMALL_RUN, *small_corpus_args(small_corpus), "train.max_steps=3",
             "train.run_name=sweep"]
     result = pretrain(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

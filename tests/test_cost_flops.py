@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.config import KernelsConfig, ModelConfig, ParallelConfig
+from trainer.config import KernelsConfig, ModelConfig
 from trainer.cost.flops import (
     flops_per_step,
     forward_flops_per_token,
@@ -16,16 +16,6 @@ from trainer.cost.flops import (
 )
 from trainer.cost.params import parameter_count
 from trainer.model import GPT
-from trainer.parallel.topology import init_topology, shutdown_topology
-
-
-@pytest.fixture(scope="module")
-def topology():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls; a second spinning thread only hurts on a loaded machine
-    yield init_topology(ParallelConfig(), "cpu")
-    shutdown_topology()
-    torch.set_num_threads(threads)
 
 
 def test_one_layer_forward_flops_by_hand():
@@ -55,7 +45,7 @@ def _masked_half(cfg: ModelConfig, seq_len: int) -> float:
 
 
 @pytest.mark.parametrize("seq_len", [16, 32])
-def test_formula_matches_flop_counter_on_a_real_gpt(topology, seq_len):
+def test_formula_matches_flop_counter_on_a_real_gpt(cpu_topology, seq_len):
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32)
     # The reference attention runs QK^T and PV as plain matmuls over the full T x T matrix, so
     # FlopCounterMode counts the masked half as well; our formula counts only the causal half (what a
@@ -92,7 +82,7 @@ def test_recompute_adds_one_forward_of_the_blocks_by_hand():
     assert flops_per_step(1584, global_batch=4, seq_len=8) == 1584 * 32
 
 
-def test_recompute_formula_matches_flop_counter(topology):
+def test_recompute_formula_matches_flop_counter(cpu_topology):
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32)
     seq_len, batch = 32, 2
     model = GPT(cfg, KernelsConfig(attention="reference"), vocab_size=100, seed=0, activation_checkpointing=True)

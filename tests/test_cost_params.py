@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from trainer.config import KernelsConfig, ModelConfig, ParallelConfig
+from trainer.config import KernelsConfig, ModelConfig
 from trainer.cost.params import layer_parameters_per_rank, parameter_count
 from trainer.model import GPT
-from trainer.parallel.topology import init_topology, shutdown_topology
-
-
-@pytest.fixture(scope="module")
-def topology():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield init_topology(ParallelConfig(), "cpu")
-    shutdown_topology()
-    torch.set_num_threads(threads)
 
 
 def test_one_layer_count_by_hand():
@@ -50,7 +39,7 @@ def test_one_layer_count_by_hand():
         (dict(n_layer=2, n_head=2, n_embd=48, block_size=16, pad_vocab_to_multiple=128), 300),
     ],
 )
-def test_count_equals_the_models(topology, fields, vocab):
+def test_count_equals_the_models(cpu_topology, fields, vocab):
     cfg = ModelConfig(**fields)
     model = GPT(cfg, KernelsConfig(), vocab, seed=0)
     assert parameter_count(cfg, vocab).total == model.num_parameters()

@@ -18,13 +18,7 @@ from kernels.layernorm import layer_norm_reference
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second OpenMP thread only adds spin-waiting on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from trainer.config import KernelsConfig, ModelConfig, OptimConfig, ParallelConfig
+from trainer.config import KernelsConfig, ModelConfig, OptimConfig
 from trainer.model import GPT, padded_vocab_size
 from trainer.optim import build_optimizer
-from trainer.parallel.topology import init_topology, shutdown_topology
 
 VOCAB = 100
 PADDED_VOCAB = 128  # 100 rounded up to a multiple of 64 (pad_vocab_to_multiple) at tp=1
@@ -30,18 +29,7 @@ def random_tokens(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def topology():
-    # A one-process gloo group and megatron-core's parallel_state at tp=pp=dp=1. The process group
-    # itself stays up after teardown so that later tests in this process can reuse it.
-    # One intra-op thread: these tensors are tiny, and on a loaded 2-core machine two spinning OpenMP
-    # threads made the 30-step training test take 3-15 s instead of 0.15 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    topo = init_topology(ParallelConfig(), "cpu")
-    yield topo
-    shutdown_topology()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_topology")
 
 
 def test_logits_shape_is_batch_by_time_by_padded_vocab():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SMALL_RUN
+from launch.local import free_port
+from tests.conftest import SMALL_RUN, small_corpus_args
 from tests.workers.common import tiny_model_config
 from trainer.config import ConfigError, KernelsConfig, ParallelConfig
 from trainer.engine import build_model
@@ -41,15 +41,8 @@ def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _data_args(prepared) -> list[str]:
-    return [CLIP, f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
-            "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
+    return [CLIP, *small_corpus_args(prepared)]
 
 
 def launch(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -151,7 +144,7 @@ def test_zero3_checkpoint_resumes_in_a_single_process(reference, small_corpus, t
 
 def test_tp2_gradients_equal_the_gathered_single_process_gradients(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "tests.workers.tp_grads", str(tmp_path)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
     )
@@ -189,7 +182,7 @@ def test_bad_layouts_fail_before_any_process_starts(args, message, tmp_path):
 
 def test_world_size_that_does_not_match_the_layout_is_named(small_corpus, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "trainer.pretrain", "parallel.tp=2", "parallel.dp=2", *SMALL_RUN, *_data_args(small_corpus)],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
     )

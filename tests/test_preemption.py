@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import SMALL_RUN
+from tests.conftest import SMALL_RUN, small_corpus_args
 from trainer.config import ConfigError
 from trainer.run import run
 
@@ -23,9 +23,7 @@ def _steps_logged(metrics) -> int:
 
 
 def test_a_signal_checkpoints_exits_for_requeue_and_the_rerun_continues(small_run, small_corpus, tmp_path):
-    data = [f"data.prepared_dir={small_corpus}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
-            "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
-    common = [*SMALL_RUN, *data, "train.max_steps=300", "train.eval_interval=0", "train.checkpoint_interval=0"]
+    common = [*SMALL_RUN, *small_corpus_args(small_corpus), "train.max_steps=300", "train.eval_interval=0", "train.checkpoint_interval=0"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
     command = [sys.executable, "-m", "trainer.pretrain", *common, "train.run_name=preempted"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

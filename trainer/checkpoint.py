@@ -235,8 +235,7 @@ class CheckpointReader:
 
     def restore_rng(self, topo: Topology) -> bool:
         """Put this rank's generators back if the layout is unchanged; False if they cannot be matched."""
-        same_layout = self.state.layout == {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
-        if not same_layout:
+        if self.state.layout != topo.layout:
             return False
         _set_rng_state(_read(self.path / _rng_file(topo.rank), _load_tensors))
         return True

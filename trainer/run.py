@@ -70,10 +70,6 @@ class RunSummary:
         return self.flops / max(self.train_seconds, 1e-9)
 
 
-def _layout(topo: Topology) -> dict:
-    return {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
-
-
 def global_parameter_count(module: torch.nn.Module, topo: Topology) -> int:
     """Parameters of the whole model: tp shards summed, replicas (tp copies, tied pipeline copies) once."""
     local = 0
@@ -143,7 +139,7 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
     _check_resumable(saved, config, path)
     engine.load_full_state(reader)
     if not reader.restore_rng(topo):
-        log.info("resuming at layout %s from %s: random generators start fresh", _layout(topo), saved.layout)
+        log.info("resuming at layout %s from %s: random generators start fresh", topo.layout, saved.layout)
     try:
         stream.load_state_dict(reader.data_state())
     except ValueError as err:
@@ -159,7 +155,7 @@ def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, ro
         state = TrainerState(
             step=progress.step,
             tokens_seen=progress.tokens_seen,
-            layout=_layout(topo),
+            layout=topo.layout,
             config=dataclasses.asdict(config),
             vocab_size=vocab_size,
         )
@@ -203,7 +199,7 @@ def _run(config: Config, topo: Topology) -> RunSummary:
     log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
-        reconciler = Reconciler(build_plan(config, topo, padded_vocab), config.cost.gap_margin)
+        reconciler = Reconciler(build_plan(config, topo, padded_vocab, flops_per_token), config.cost.gap_margin)
         preemption = PreemptionWatch(config.train.preemption_signals, topo.device)
         try:
             result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
@@ -248,14 +244,14 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
     )
 
 
-def build_plan(config: Config, topo: Topology, padded_vocab: int) -> Plan:
+def build_plan(config: Config, topo: Topology, padded_vocab: int, flops_per_token: float) -> Plan:
     """The run's plan: its token budget at cost.assumed_mfu of the hardware's peak (a CPU's is measured)."""
     peak, source = config.hardware.peak_flops, config.hardware.name
     if peak <= 0:
         peak, source = cpu_peak_flops(), "CPU (measured matmul peak)"
     return Plan(
         devices=topo.world_size, peak_flops=peak, peak_source=source, assumed_mfu=config.cost.assumed_mfu,
-        flops_per_token=model_flops_per_token(config.model, padded_vocab, config.seq_len),
+        flops_per_token=flops_per_token,
         hardware_flops_per_token=hardware_flops_per_token(config.model, padded_vocab, config.seq_len,
                                                           config.train.activation_checkpointing),
         token_budget=config.cost.token_budget or config.train.max_steps * config.tokens_per_step,

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import KernelsConfig, ModelConfig, ParallelConfig
+from trainer.config import KernelsConfig, ModelConfig
 from trainer.model import GPT
-from trainer.parallel import init_topology
 
-
-@pytest.fixture(scope="module", autouse=True)
-def topology():
-    init_topology(ParallelConfig(), "cpu")
+pytestmark = pytest.mark.usefixtures("cpu_topology")
 
 
 def _loss_and_grads(kernels: KernelsConfig) -> tuple[float, dict[str, torch.Tensor]]:

@@ -41,6 +41,11 @@ class Topology:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def layout(self) -> dict[str, int]:
+        """The parallel layout, as checkpoints record it."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
     def describe(self) -> str:
         return f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp}"
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 
-from trainer.config import ConfigError, compose_config
+from launch.common import fit_layout
+from launch.rendezvous import free_port
+from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,10 @@ def split_launcher_args(argv: list[str]) -> tuple[int | None, list[str]]:
     return nproc, rest
 
 
-def _override_value(overrides: list[str], key: str) -> str | None:
-    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == key]
-    return values[-1] if values else None
-
-
 def resolve_world(nproc: int | None, overrides: list[str]) -> tuple[int, list[str]]:
     """Validate the config for this world size; return (nproc, overrides with parallel.dp explicit)."""
-    # The run directory is Hydra's to decide at start-up; any placeholder validates the rest.
-    config = compose_config([*overrides, "train.run_dir=."])
-    tp, pp = config.parallel.tp, config.parallel.pp
-    if _override_value(overrides, "parallel.dp") is None and nproc is not None:
-        if nproc % (tp * pp):
-            raise ConfigError(f"nproc={nproc}: must be a multiple of parallel.tp*pp = {tp}*{pp}")
-        overrides = [*overrides, f"parallel.dp={nproc // (tp * pp)}"]
-        config = compose_config([*overrides, "train.run_dir=."])
-    world = config.parallel.world_size
-    if nproc is not None and nproc != world:
-        raise ConfigError(f"nproc={nproc} but parallel.tp*pp*dp = {tp}*{pp}*{config.parallel.dp} = {world}")
-    return world, overrides
+    config, overrides = fit_layout(overrides, nproc, f"nproc={nproc}")
+    return config.parallel.world_size, overrides
 
 
 def torchrun_command(nproc: int, overrides: list[str], master_port: int) -> list[str]:
@@ -60,13 +46,6 @@ def torchrun_command(nproc: int, overrides: list[str], master_port: int) -> list
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
         f"--master_port={master_port}", "-m", "trainer.pretrain", *overrides,
     ]
-
-
-def free_port() -> int:
-    """A TCP port on this machine that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
-"""Where a process sits in the job: rank variables from torchrun, or derived from SLURM's for `srun`.
+"""Where a process sits in the job, for every launcher: torchrun (launch.local), srun (launch.slurm, submitit).
 
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT itself. `srun` starts one task per rank
 and sets only SLURM_* variables, so each task derives the torch ones: its rank from SLURM_PROCID, the
 rendezvous host from the first node of SLURM_JOB_NODELIST (the same on every node, with no `scontrol`
-call), and a port from the job id so every rank of a job agrees without talking first.
+call), and a port from the job id so every rank of a job agrees without talking first. A process that no
+launcher started (plain `python -m trainer.pretrain`, also inside an sbatch script's batch step) is a
+job of one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 from collections.abc import Mapping, MutableMapping
 
 RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -109,9 +112,39 @@ def resolve_rank_env(env: Mapping[str, str]) -> dict[str, str]:
     return resolved
 
 
-def apply_rank_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the torch rank variables in `env` (os.environ by default) from torchrun's or SLURM's; return them."""
+def started_by_launcher(env: Mapping[str, str]) -> bool:
+    """True under torchrun (RANK) or as a task of an srun job step (SLURM_STEP_ID).
+
+    A process in an sbatch script's batch step also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but it
+    is not one of the job's ranks: taking it for rank 0 would wait forever for ranks nobody starts.
+    """
+    return bool(env.get("RANK")) or ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env)
+
+
+def apply_rank_env(env: MutableMapping[str, str] | None = None) -> dict[str, str] | None:
+    """Set the torch rank variables in `env` (os.environ by default) from torchrun's or srun's; return them.
+
+    None for a process that no launcher started (see started_by_launcher): it needs no rendezvous.
+    """
     env = os.environ if env is None else env
+    if not started_by_launcher(env):
+        return None
     resolved = resolve_rank_env(env)
     env.update(resolved)
     return resolved
+
+
+def slurm_job_text(env: Mapping[str, str] | None = None) -> str | None:
+    """`SLURM job 42 on node[1-2], SLURM_RESTART_COUNT=1` inside a SLURM job, else None (for the run log)."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    return (f"SLURM job {env['SLURM_JOB_ID']} on {env.get('SLURM_JOB_NODELIST', '?')}, "
+            f"SLURM_RESTART_COUNT={env.get('SLURM_RESTART_COUNT', '0')}")
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (torchrun's rendezvous for launch.local)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.local import _override_value
-from trainer.config import ConfigError, compose_config
+from launch.common import fit_layout, override_value
+from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ def _positive_int(key: str, value: str, minimum: int = 1) -> int:
 
 
 def split_launcher_args(argv: list[str]) -> tuple[SlurmArgs, list[str]]:
-    """Take the launcher's own arguments out; `nodes=`/`gpus_per_node=` become cluster.* overrides."""
+    """Take the launcher's own arguments out; `nodes=`/`gpus_per_node=`/`tasks_per_node=` become cluster.*."""
     args, overrides = SlurmArgs(), []
     for arg in argv:
         key, _, value = arg.partition("=")
         if arg == "--dry-run":
             args.dry_run = True
-        elif key in ("nodes", "gpus_per_node"):
-            _positive_int(key, value, minimum=1 if key == "nodes" else 0)
+        elif key in ("nodes", "gpus_per_node", "tasks_per_node"):
+            _positive_int(key, value, minimum=0 if key == "gpus_per_node" else 1)
             overrides.append(f"cluster.{key}={value}")
         elif key == "time":
             if not _TIME.match(value):
@@ -73,43 +73,33 @@ def split_launcher_args(argv: list[str]) -> tuple[SlurmArgs, list[str]]:
             raise ConfigError(f"{arg}: unknown option (only --dry-run)")
         else:
             overrides.append(arg)
-    if _override_value(overrides, "cluster") is None:
+    if override_value(overrides, "cluster") is None:
         overrides.insert(0, "cluster=slurm")
     return args, overrides
 
 
 def resolve_job(overrides: list[str]):
-    """Validate the config for nodes * tasks_per_node ranks; return (config, overrides with parallel.dp explicit)."""
-    # The run directory is pinned in the script; any placeholder validates the rest.
-    config = compose_config([*overrides, "train.run_dir=."])
-    world = config.cluster.nodes * tasks_per_node(config.cluster.gpus_per_node)
-    tp, pp = config.parallel.tp, config.parallel.pp
-    if _override_value(overrides, "parallel.dp") is None:
-        if world % (tp * pp):
-            raise ConfigError(f"{_world_text(config)} ranks: must be a multiple of parallel.tp*pp = {tp}*{pp}")
-        overrides = [*overrides, f"parallel.dp={world // (tp * pp)}"]
-        config = compose_config([*overrides, "train.run_dir=."])
-    if config.parallel.world_size != world:
-        raise ConfigError(f"{_world_text(config)} ranks but parallel.tp*pp*dp = {tp}*{pp}*{config.parallel.dp} "
-                          f"= {config.parallel.world_size}")
+    """Validate the config for nodes * ranks_per_node ranks; return (config, overrides with parallel.dp explicit)."""
+    config, _ = fit_layout(overrides, None, "")
+    config, overrides = fit_layout(overrides, config.cluster.nodes * config.cluster.ranks_per_node,
+                                   f"{_world_text(config)} ranks")
     if not _NAME.match(config.train.run_name):
         raise ConfigError(f"train.run_name={config.train.run_name!r}: must be usable as a directory name")
     return config, overrides
 
 
-def tasks_per_node(gpus_per_node: int) -> int:
-    """One rank per GPU; a CPU node runs one rank that uses all its cores."""
-    return gpus_per_node or 1
-
-
 def _world_text(config) -> str:
-    nodes, gpus = config.cluster.nodes, config.cluster.gpus_per_node
-    return f"cluster.nodes*gpus_per_node = {nodes}*{gpus} = {nodes * gpus}" if gpus else f"{nodes} CPU node(s), 1"
+    cluster = config.cluster
+    per_node = "tasks_per_node" if cluster.tasks_per_node else "gpus_per_node" if cluster.gpus_per_node else None
+    if per_node is None:
+        return f"{cluster.nodes} CPU node(s), 1 rank each: {cluster.nodes}"
+    count = getattr(cluster, per_node)
+    return f"cluster.nodes*{per_node} = {cluster.nodes}*{count} = {cluster.nodes * count}"
 
 
 def job_run_dir(config, overrides: list[str]) -> str:
     """`runs/<train.run_name>`, as conf/config.yaml would pick, unless hydra.run.dir is given."""
-    return _override_value(overrides, "hydra.run.dir") or f"runs/{config.train.run_name}"
+    return override_value(overrides, "hydra.run.dir") or f"runs/{config.train.run_name}"
 
 
 def render_script(config, overrides: list[str], args: SlurmArgs, python: str = sys.executable,
@@ -121,7 +111,7 @@ def render_script(config, overrides: list[str], args: SlurmArgs, python: str = s
     sbatch = [
         f"--job-name={config.train.run_name}",
         f"--nodes={config.cluster.nodes}",
-        f"--ntasks-per-node={tasks_per_node(gpus)}",
+        f"--ntasks-per-node={config.cluster.ranks_per_node}",
         *([f"--gpus-per-node={gpus}"] if gpus else []),
         f"--cpus-per-task={args.cpus_per_task}",
         *([f"--time={args.time}"] if args.time else []),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -11,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from launch.rendezvous import apply_rank_env, expand_nodelist, job_port, resolve_rank_env
+from launch.rendezvous import (
+    apply_rank_env,
+    expand_nodelist,
+    free_port,
+    job_port,
+    resolve_rank_env,
+    started_by_launcher,
+)
 from launch.slurm import render_script, resolve_job, split_launcher_args
 
 EXAMPLE = ["cluster=slurm", "nodes=2", "gpus_per_node=8", "time=02:00:00", "partition=gpu", "account=x",
@@ -40,7 +46,7 @@ def test_bad_nodelists_are_named(nodelist):
 
 
 SLURM_ENV = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-             "SLURM_JOB_NODELIST": "gpu-a[07-08]", "SLURM_JOB_ID": "123456"}
+             "SLURM_JOB_NODELIST": "gpu-a[07-08]", "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0"}
 
 
 def test_slurm_variables_give_the_rank_and_first_host():
@@ -79,6 +85,16 @@ def test_apply_rank_env_sets_the_variables():
     env = dict(SLURM_ENV)
     apply_rank_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("9", "16", "gpu-a07")
+
+
+def test_a_process_in_the_batch_step_is_a_job_of_one():
+    # `python -m trainer.pretrain` run straight from an sbatch script (no srun) sees SLURM_PROCID=0 and the
+    # job's SLURM_NTASKS but no step id: it must not wait for ranks that nobody starts.
+    batch_step = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_STEP_ID"}
+    env = dict(batch_step)
+    assert not started_by_launcher(batch_step) and apply_rank_env(env) is None and env == batch_step
+    assert started_by_launcher(SLURM_ENV) and started_by_launcher({"RANK": "0"})
+    assert not started_by_launcher({"MASTER_ADDR": "h", "MASTER_PORT": "1"})
 
 
 def _render(argv: list[str]) -> str:
@@ -197,13 +213,11 @@ dist.destroy_process_group()
 
 
 def test_srun_style_ranks_join_one_gloo_group(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="77",
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_JOB_ID="77", SLURM_STEP_ID="0",
                    SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, "-c", _JOIN], env=env, stdout=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=60)[0].strip() for p in procs]

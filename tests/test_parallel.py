@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch.local import free_port
+from launch.rendezvous import free_port
 from tests.conftest import SMALL_RUN, small_corpus_args
 from tests.workers.common import tiny_model_config
 from trainer.config import ConfigError, KernelsConfig, ParallelConfig

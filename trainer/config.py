@@ -256,14 +256,27 @@ class ClusterConfig:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0
+    # Ranks per machine; null means one per GPU (one per node on CPU nodes). Set it for several CPU ranks
+    # per node; with GPUs it must equal gpus_per_node.
+    tasks_per_node: int | None = None
     # A collective that waits longer than this fails instead of hanging (e.g. a peer rank died).
     collective_timeout_s: int = 600
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "cluster.nodes", "must be >= 1", self.nodes)
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", self.gpus_per_node)
+        if self.tasks_per_node is not None:
+            _require(self.tasks_per_node >= 1, "cluster.tasks_per_node", "must be >= 1", self.tasks_per_node)
+            _require(self.gpus_per_node in (0, self.tasks_per_node), "cluster.tasks_per_node",
+                     f"must equal cluster.gpus_per_node={self.gpus_per_node} (one rank per GPU)",
+                     self.tasks_per_node)
         _require(self.collective_timeout_s > 0, "cluster.collective_timeout_s", "must be positive",
                  self.collective_timeout_s)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Processes started on each machine: tasks_per_node, else one per GPU, else one."""
+        return self.tasks_per_node or self.gpus_per_node or 1
 
 
 @dataclass

@@ -41,6 +41,13 @@ def main(cfg: DictConfig) -> None:
     except Preempted as stop:
         log.warning("%s; run again (or requeue) to resume", stop)
         sys.exit(config.train.preemption_exit_code)
+    except Exception as err:
+        from trainer.parallel import collective_failure
+
+        if (line := collective_failure(err)) is None:
+            raise
+        log.error("%s", line)
+        sys.exit(1)
     log.info("total wall time %.1f s", time.perf_counter() - started)
 
 

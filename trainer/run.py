@@ -19,6 +19,7 @@ from data_pipeline.mixture import MixtureStream
 from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shards import read_index
 from data_pipeline.stream import StreamLoader, TokenStream, eval_batches
+from launch.rendezvous import slurm_job_text
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointReader,
@@ -180,6 +181,8 @@ def run(config: Config) -> RunSummary:
 def _run(config: Config, topo: Topology) -> RunSummary:
     if not topo.is_main:  # one voice per job: other ranks report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
+    if job := slurm_job_text():
+        log.info("%s", job)
     torch.manual_seed(config.train.seed)
     run_dir = Path(config.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -92,19 +93,19 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _start_process_group(device: torch.device, timeout: timedelta) -> None:
-    """Join the job's process group (env:// from torchrun/SLURM), or make a one-process group."""
+def _start_process_group(device: torch.device, timeout: timedelta, launched: bool) -> None:
+    """Join the job's process group (env:// from torchrun/srun), or make a one-process group."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        _init_torch_process_group(device, backend, timeout)
+    if not dist.is_initialized():  # a group stays up for reuse, e.g. by the next job of an in-process sweep
+        _init_torch_process_group(device, backend, timeout, launched)
     # DeepSpeed's communication layer adopts the existing group (its pipeline module asks it for ranks).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
-def _init_torch_process_group(device: torch.device, backend: str, timeout: timedelta) -> None:
+def _init_torch_process_group(device: torch.device, backend: str, timeout: timedelta, launched: bool) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "MASTER_ADDR" in os.environ:  # started by torchrun / srun: rendezvous through MASTER_ADDR:MASTER_PORT
+    if launched:  # started by torchrun / srun: rendezvous through MASTER_ADDR:MASTER_PORT
         dist.init_process_group(backend=backend, timeout=timeout)
         return
     # A lone process needs no rendezvous: an in-memory store, so no port can be taken by someone else.
@@ -115,10 +116,10 @@ def _init_torch_process_group(device: torch.device, backend: str, timeout: timed
 
 def init_topology(parallel: ParallelConfig, device_name: str = "auto", collective_timeout_s: int = 600) -> Topology:
     """Start the process groups for the configured layout and return this rank's coordinates."""
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
-        apply_rank_env()  # srun starts one task per rank and sets only SLURM_* variables
+    # torchrun's rank variables, or derived from srun's SLURM_* ones (LOCAL_RANK picks the GPU).
+    launched = not dist.is_initialized() and apply_rank_env() is not None
     device = resolve_device(device_name)
-    _start_process_group(device, timedelta(seconds=collective_timeout_s))
+    _start_process_group(device, timedelta(seconds=collective_timeout_s), launched)
     world_size = dist.get_world_size()
     if world_size != parallel.world_size:
         raise ConfigError(
@@ -144,6 +145,25 @@ def init_topology(parallel: ParallelConfig, device_name: str = "auto", collectiv
     )
     log.info("topology: %s", topo.describe())
     return topo
+
+
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*")
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """One line for an error that means a peer rank died or hung during a collective; None otherwise.
+
+    gloo raises RuntimeError from its transport ("[.../pair.cc:537] Read error ...: Connection reset by
+    peer"), NCCL and the store raise torch.distributed.DistError; the launcher names the rank that failed first.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and ("gloo" in text or "NCCL" in text))):
+        return None
+    first = _SOURCE_LOCATION.sub("", text.strip().splitlines()[0] if text.strip() else type(err).__name__)
+    return (f"rank {dist.get_rank()}/{dist.get_world_size()}: a collective failed: {first.split('. ')[0]}. "
+            "Another rank has likely died or hung; the launcher's log names the one that failed first")
 
 
 def shutdown_topology() -> None:

@@ -1,4 +1,5 @@
-"""launch.slurm against a real SLURM cluster on localhost: a 2-task job, preemption and requeue, a dead rank.
+"""Jobs on a real SLURM cluster on localhost: launch.slurm (a 2-task job, preemption and requeue, a dead rank)
+and Hydra's submitit launcher (a sweep; a 2-rank job preempted and requeued).
 
 The cluster (munged, slurmctld, slurmd; one node claiming 4 CPUs) is installed and started by the module
 fixture and stopped by PID at the end (tests/slurm_cluster.py). Each job trains the tiny model with 2 ranks
@@ -166,3 +167,47 @@ def task_pid(slurm: LocalSlurm, job_id: str, global_rank: int) -> int:
         if step == "0" and rank == str(global_rank):
             return int(pid)
     raise AssertionError(f"rank {global_rank} of job {job_id} not in scontrol listpids:\n" + "\n".join(listing))
+
+
+def sweep(slurm: LocalSlurm, cwd: Path, args: list[str]) -> subprocess.Popen:
+    """`python -m trainer.pretrain -m ...` in the background; Hydra's submitit launcher waits for its jobs."""
+    command = [sys.executable, "-m", "trainer.pretrain", "-m", *args]
+    return subprocess.Popen(command, cwd=cwd, env=_env(**slurm.env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_submitit_sweep_runs_each_job_on_slurm(slurm, small_corpus, tmp_path):
+    # The plugin's own launcher, one task per job, as a user would type it.
+    process = sweep(slurm, tmp_path, ["hydra/launcher=submitit_slurm", "optim.lr=1e-3,2e-3",
+                                      *_overrides(small_corpus, "sweep", "train.max_steps=10")])
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    runs = tmp_path / "multirun" / "sweep"
+    for job, lr in (("job0", "optim.lr=0.001"), ("job1", "optim.lr=0.002")):
+        assert lr in (runs / job / ".hydra" / "overrides.yaml").read_text()
+        assert max(train_losses(runs / job / "metrics.jsonl")) == 10
+    logs = "".join(p.read_text() for p in (runs / ".submitit").glob("*/*_log.out"))
+    assert logs.count("SLURM job ") == 2  # each job ran under SLURM, not in this process
+
+
+def test_a_submitit_job_of_two_ranks_is_preempted_requeued_and_matches(slurm, small_corpus, local_losses, tmp_path):
+    process = sweep(slurm, tmp_path, ["hydra/launcher=submitit_cluster", "cluster.tasks_per_node=2",
+                                      "parallel.dp=2", *_overrides(small_corpus, "swept")])
+    metrics = tmp_path / "multirun" / "swept" / "job0" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while max(train_losses(metrics), default=0) < 20:
+        assert process.poll() is None and time.monotonic() < deadline, "the submitit job did not start training"
+        time.sleep(0.1)
+    running = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%A"], env=slurm.env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert len(running) == 1, running
+    job_id = running[0]
+    # submitit asks SLURM for SIGUSR2 ahead of the time limit; the trainer takes it as its preemption warning.
+    subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm.env, check=True, timeout=60)
+    job = wait_for_end(slurm, job_id, release_requeued=True)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1")
+    rank_0 = next((tmp_path / "multirun" / "swept" / ".submitit").glob("*/*_0_log.out")).read_text()
+    assert "requeued SLURM job" in rank_0 and "SLURM_RESTART_COUNT=1" in rank_0, rank_0[-3000:]
+    assert train_losses(metrics) == local_losses

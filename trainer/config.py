@@ -213,7 +213,8 @@ class TrainConfig:
     device: str = "auto"
     progress_bar: bool = True
     # Signals that mean "the machines are about to go": finish the step, checkpoint, exit for a requeue.
-    preemption_signals: str = "SIGUSR1,SIGTERM"
+    # SIGUSR1 is launch.slurm's warning (--signal), SIGUSR2 Hydra's submitit launcher's, SIGTERM SLURM's last word.
+    preemption_signals: str = "SIGUSR1,SIGUSR2,SIGTERM"
     # Exit status after such a stop (75 = EX_TEMPFAIL, "try again"); job scripts requeue on it.
     preemption_exit_code: int = 75
 
@@ -380,9 +381,17 @@ class Config:
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore so YAML is type-checked against them."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("ranks_per_node"):
+        # For conf/hydra/launcher/submitit_cluster.yaml: tasks per node as launch.slurm computes them, and
+        # no GPU request on CPU nodes.
+        OmegaConf.register_new_resolver(
+            "ranks_per_node", lambda tasks, gpus: ClusterConfig(tasks_per_node=tasks, gpus_per_node=gpus).ranks_per_node
+        )
+        OmegaConf.register_new_resolver("none_if_zero", lambda value: value or None)
 
 
 def compose_config(overrides: list[str]) -> Config:

@@ -40,6 +40,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except Preempted as stop:
         log.warning("%s; run again (or requeue) to resume", stop)
+        from launch.requeue import requeue_submitit_job
+
+        if (job_id := requeue_submitit_job()) is not None:
+            log.warning("requeued SLURM job %s (Hydra submitit launcher)", job_id)
         sys.exit(config.train.preemption_exit_code)
     except Exception as err:
         from trainer.parallel import collective_failure

@@ -19,7 +19,7 @@ from pathlib import Path
 from launch.rendezvous import free_port
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "munged")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "munged")
 DAEMON_DIRS = ("/usr/sbin", "/usr/bin")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
@@ -175,8 +175,22 @@ class LocalSlurm:
         text = self.scontrol("show", "job", "--oneliner", job_id).stdout
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
+    def cancel_all_jobs(self) -> None:
+        """scancel every job, and wait (up to 30 s) until no job step is left running on the node."""
+        if "slurmctld" not in self.pids:
+            return
+        subprocess.run([_which("scancel"), "--full", "--user=root"], env=self.env, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            queued = subprocess.run([_which("squeue"), "--noheader"], env=self.env, capture_output=True, text=True,
+                                    timeout=60)
+            if queued.returncode == 0 and not queued.stdout.strip():
+                return
+            time.sleep(0.3)
+
     def stop(self) -> None:
-        """SIGTERM each daemon this object started, then SIGKILL what is left after 10 s."""
+        """Cancel what is still queued, SIGTERM each daemon this object started, SIGKILL what is left after 10 s."""
+        self.cancel_all_jobs()
         names = [n for n in ("slurmd", "slurmctld", "munged") if n in self.pids]
         for name in names:
             _signal(self.pids[name], signal.SIGTERM)

@@ -132,6 +132,14 @@ def test_cpu_nodes_run_one_task_each_and_options_are_honoured():
     assert "cluster=slurm" in script  # chosen when not given
 
 
+def test_several_cpu_ranks_per_node_with_tasks_per_node():
+    script = _render(["nodes=2", "gpus_per_node=0", "tasks_per_node=4", "cpus_per_task=2", "train.run_name=cpu4"])
+    lines = script.splitlines()
+    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=4" in lines
+    assert not any("gpus-per-node" in line for line in lines)
+    assert "cluster.tasks_per_node=4" in script and "parallel.dp=8" in script
+
+
 def test_overrides_are_shell_quoted():
     script = _render([*EXAMPLE, "train.run_name=quoted", "+logging.wandb_entity=a b"])
     assert "'+logging.wandb_entity=a b'" in script
@@ -161,6 +169,9 @@ def test_dry_run_prints_the_script(tmp_path):
         (["parallel.dp=3"], "cluster.nodes*gpus_per_node = 2*8 = 16 ranks but parallel.tp*pp*dp = 8*1*3 = 24"),
         (["time=soon"], "time='soon'"),
         (["nodes=0"], "nodes='0'"),
+        (["tasks_per_node=4"], "cluster.tasks_per_node=4: must equal cluster.gpus_per_node=8 (one rank per GPU)"),
+        (["gpus_per_node=0", "tasks_per_node=3", "parallel.dp=4"],
+         "cluster.nodes*tasks_per_node = 2*3 = 6 ranks but parallel.tp*pp*dp = 8*1*4 = 32"),
     ],
 )
 def test_bad_config_fails_before_rendering(args, message, tmp_path):
@@ -223,3 +234,19 @@ def test_srun_style_ranks_join_one_gloo_group(tmp_path):
     outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outputs == ["0 0 2 3", "1 1 2 3"]
+
+
+def test_only_rank_0_of_a_submitit_job_requeues_it(tmp_path, monkeypatch):
+    from launch.requeue import requeue_submitit_job
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "scontrol"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    job = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "31", "SLURM_PROCID": "0"}
+    assert requeue_submitit_job({**job, "RANK": "1"}) is None
+    assert requeue_submitit_job({k: v for k, v in job.items() if k != "SUBMITIT_EXECUTOR"}) is None
+    assert requeue_submitit_job(job) == "31"
+    assert (bin_dir / "calls").read_text() == "requeue 31\n"

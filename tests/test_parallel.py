@@ -252,3 +252,5 @@ def test_a_dead_rank_stops_the_whole_job_and_is_named(small_corpus, tmp_path):
     assert time.monotonic() - killed < 60  # the surviving rank does not hang on its next collective
     # torchrun names the rank that failed first, and how.
     assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\).*?SIGKILL", output, re.S), output[-3000:]
+    # The surviving rank says in one line that it lost its peer, not with a gloo traceback.
+    assert "rank 0/2: a collective failed" in output and "Another rank has likely died" in output, output[-3000:]

@@ -89,8 +89,8 @@ def _require(env: Mapping[str, str], key: str, why: str) -> str:
 def resolve_rank_env(env: Mapping[str, str]) -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for this process; torchrun's win over SLURM's."""
     # Under `srun torchrun ...` every worker sees SLURM_PROCID=0, so torchrun's RANK must win.
-    if env.get("RANK"):
-        why = "RANK is set (torchrun), so the other torchrun variables must be too"
+    if _torchrun(env):
+        why = "RANK and MASTER_ADDR are set (torchrun), so the other torchrun variables must be too"
         return {key: _require(env, key, why) for key in RANK_KEYS}
     why = "needed to derive the rank outside torchrun (start the job with srun, or set RANK etc.)"
     resolved = {
@@ -112,13 +112,19 @@ def resolve_rank_env(env: Mapping[str, str]) -> dict[str, str]:
     return resolved
 
 
+def _torchrun(env: Mapping[str, str]) -> bool:
+    # torchrun sets both. RANK alone is what a lone process leaves for DeepSpeed (RANK=0, WORLD_SIZE=1),
+    # and its child processes inherit it: that is not a launcher's rank.
+    return bool(env.get("RANK")) and bool(env.get("MASTER_ADDR"))
+
+
 def started_by_launcher(env: Mapping[str, str]) -> bool:
-    """True under torchrun (RANK) or as a task of an srun job step (SLURM_STEP_ID).
+    """True under torchrun (RANK and MASTER_ADDR) or as a task of an srun job step (SLURM_STEP_ID).
 
     A process in an sbatch script's batch step also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but it
     is not one of the job's ranks: taking it for rank 0 would wait forever for ranks nobody starts.
     """
-    return bool(env.get("RANK")) or ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env)
+    return _torchrun(env) or ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env)
 
 
 def apply_rank_env(env: MutableMapping[str, str] | None = None) -> dict[str, str] | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.common import fit_layout, override_value
+from launch.rendezvous import RANK_KEYS
 from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def render_script(config, overrides: list[str], args: SlurmArgs, python: str = s
         *(f"#SBATCH {option}" for option in sbatch),
         "",
         *(f"export {key}={shlex.quote(value)}" for key, value in exports.items()),
+        # sbatch passes on the submitting shell's environment; its rank variables, if any, are not the job's.
+        f"unset {' '.join(RANK_KEYS)}",
         "",
         # Without a trap, SLURM's SIGTERM would kill this shell before srun returns and the requeue below.
         "trap 'echo \"batch script: SIGTERM, waiting for srun\"' TERM",

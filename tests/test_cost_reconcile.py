@@ -46,6 +46,20 @@ def test_an_interval_on_plan_and_one_behind(caplog):
     assert "behind plan by 2.00x" in message and "data 50% (0.5 s)" in message
 
 
+def test_a_lagging_run_explains_itself_without_flooding_the_log(caplog):
+    reconciler = Reconciler(_plan(), gap_margin=0.25, lag_log_every=10)
+    slow = {"forward": 0.2, "backward": 0.5, "optimizer": 0.1}
+    with caplog.at_level(logging.INFO, logger="trainer.cost.reconcile"):
+        for i in range(1, 31):
+            phases = {**slow, "data": 0.9} if i == 5 else slow  # one interval where the data wait dominates
+            reconciler.update(tokens_seen=i * 2_000_000, interval_tokens=2_000_000, interval_seconds=1.0,
+                              phases=phases)
+    lines = [r.getMessage() for r in caplog.records if "behind plan" in r.getMessage()]
+    # the first lagging interval, the data one, back to backward, then every 10 intervals: 16 and 26
+    assert len(lines) == 5, lines
+    assert lines[1].split("step time: ")[1].startswith("data") and lines[2].split("step time: ")[1].startswith("backward")
+
+
 def test_summary_and_plot(tmp_path):
     reconciler = Reconciler(_plan(), gap_margin=0.25)
     for i in range(1, 4):

@@ -93,8 +93,10 @@ def test_a_process_in_the_batch_step_is_a_job_of_one():
     batch_step = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_STEP_ID"}
     env = dict(batch_step)
     assert not started_by_launcher(batch_step) and apply_rank_env(env) is None and env == batch_step
-    assert started_by_launcher(SLURM_ENV) and started_by_launcher({"RANK": "0"})
+    assert started_by_launcher(SLURM_ENV) and started_by_launcher({"RANK": "0", "MASTER_ADDR": "h"})
     assert not started_by_launcher({"MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    # What a lone process leaves in its environment for DeepSpeed, and its children inherit.
+    assert not started_by_launcher({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
 
 
 def _render(argv: list[str]) -> str:
@@ -112,6 +114,7 @@ def test_two_node_script_has_the_sbatch_lines_srun_and_requeue():
                  "#SBATCH --open-mode=append", "#SBATCH --chdir=/work/repo", "export OMP_NUM_THREADS=8",
                  "export NCCL_ASYNC_ERROR_HANDLING=1", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
                  "export PYTHONUNBUFFERED=1", "export WANDB_MODE=online",
+                 "unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT",
                  "srun --kill-on-bad-exit=1 python -m trainer.pretrain cluster=slurm cluster.nodes=2 "
                  "cluster.gpus_per_node=8 model=gpt3-1.3b parallel.tp=8 train.max_steps=1000 parallel.dp=2 "
                  "hydra.run.dir=runs/gpt3-1.3b",

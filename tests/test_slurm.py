@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.rendezvous import RANK_KEYS
 from tests.conftest import SMALL_RUN, small_corpus_args
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
 
@@ -45,7 +46,9 @@ def slurm(tmp_path_factory):
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
+    # Rank variables that in-process runs of other tests left in os.environ are not for these jobs.
+    clean = {k: v for k, v in os.environ.items() if k not in RANK_KEYS}
+    return {**clean, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
 
 
 def _overrides(small_corpus: Path, run_name: str, *extra: str) -> list[str]:

@@ -98,6 +98,10 @@ class Reconciler:
     gap_margin: float
     elapsed: float = 0.0
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (tokens seen, measured s, planned s)
+    # A lagging run says where its time goes when it starts lagging, when the slowest phase changes, and
+    # otherwise once every this many intervals (the metrics carry every interval).
+    lag_log_every: int = 50
+    _lag_logged: tuple[int, str] | None = None  # (interval, slowest phase) of the last such line
 
     def update(self, tokens_seen: int, interval_tokens: int, interval_seconds: float,
                phases: dict[str, float]) -> dict[str, float]:
@@ -120,9 +124,21 @@ class Reconciler:
             "cost/gap": gap,
         }
         if gap > 1 + self.gap_margin:
-            log.info("behind plan by %.2fx (MFU %.1f%% vs %.0f%% assumed); step time: %s", gap,
-                     100 * metrics["cost/mfu"], 100 * plan.assumed_mfu, describe_phases(phases))
+            self._log_lag(gap, metrics["cost/mfu"], phases)
+        else:
+            self._lag_logged = None
         return metrics
+
+    def _log_lag(self, gap: float, mfu: float, phases: dict[str, float]) -> None:
+        interval = len(self.history)
+        slowest = max((k for k in phases if k != "communication"), key=phases.get, default="")
+        if self._lag_logged is not None:
+            last_interval, last_slowest = self._lag_logged
+            if slowest == last_slowest and interval - last_interval < self.lag_log_every:
+                return
+        self._lag_logged = (interval, slowest)
+        log.info("behind plan by %.2fx (MFU %.1f%% vs %.0f%% assumed); step time: %s", gap, 100 * mfu,
+                 100 * self.plan.assumed_mfu, describe_phases(phases))
 
     def summary(self) -> str:
         """A small table: planned versus measured, at the end of the run."""

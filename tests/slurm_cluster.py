@@ -94,6 +94,8 @@ class LocalSlurm:
     cpus: int = 4
     pids: dict[str, int] = field(default_factory=dict)
     started_munge: bool = False
+    # slurmstepd processes that were already running before this cluster started (not ours to stop).
+    foreign_stepds: set[int] = field(default_factory=set)
 
     @property
     def conf(self) -> Path:
@@ -106,6 +108,7 @@ class LocalSlurm:
 
     def start(self) -> LocalSlurm:
         install()
+        self.foreign_stepds = _processes_named("slurmstepd")
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(slurm_conf(self.root, self.cpus, free_port(), free_port()))
@@ -199,7 +202,22 @@ class LocalSlurm:
             time.sleep(0.1)
         for name in names:
             _signal(self.pids[name], signal.SIGKILL)
+        # A job step whose slurmd went away can outlive it, waiting; those of this cluster go too.
+        for pid in _processes_named("slurmstepd") - self.foreign_stepds:
+            _signal(pid, signal.SIGKILL)
         self.pids.clear()
+
+
+def _processes_named(name: str) -> set[int]:
+    """PIDs whose command name (/proc/PID/comm) is `name`."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                pids.add(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def _signal(pid: int, sig: int) -> None:

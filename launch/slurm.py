@@ -1,5 +1,8 @@
-"""Submit a multi-node run to SLURM: `python -m launch.slurm cluster=slurm nodes=2 gpus_per_node=8 time=02:00:00
+"""Submit a multi-node run to SLURM: `python -m launch.slurm nodes=2 gpus_per_node=8 time=02:00:00
 partition=gpu [account=x] [--dry-run] parallel.tp=8 ...`.
+
+The sbatch settings are cluster.* config fields (conf/cluster/slurm.yaml); the short arguments nodes=,
+gpus_per_node=, tasks_per_node=, time=, partition=, account=, cpus_per_task= and signal_lead= set them.
 
 As with launch.local, the trainer config is composed and validated here first, so a bad layout fails before
 anything is queued. Then an sbatch script is rendered: one srun task per GPU (one per node on CPU nodes), each
@@ -18,7 +21,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from launch.common import fit_layout, override_value
@@ -27,56 +29,30 @@ from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch's MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+# The launcher's short arguments, each an alias of a cluster.* field.
+ALIASES = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
+           "time": "time_limit", "partition": "partition", "account": "account",
+           "cpus_per_task": "cpus_per_task", "signal_lead": "signal_lead_s"}
 
 
-@dataclass
-class SlurmArgs:
-    """Launcher-level settings that are sbatch's business, not the trainer's."""
-
-    time: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    cpus_per_task: int = 8
-    # Seconds before the time limit at which SLURM sends SIGUSR1: enough to finish a step and checkpoint.
-    signal_lead: int = 120
-    dry_run: bool = False
-
-
-def _positive_int(key: str, value: str, minimum: int = 1) -> int:
-    if not value.isdigit() or int(value) < minimum:
-        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
-    return int(value)
-
-
-def split_launcher_args(argv: list[str]) -> tuple[SlurmArgs, list[str]]:
-    """Take the launcher's own arguments out; `nodes=`/`gpus_per_node=`/`tasks_per_node=` become cluster.*."""
-    args, overrides = SlurmArgs(), []
+def split_launcher_args(argv: list[str]) -> tuple[bool, list[str]]:
+    """(--dry-run given, the trainer overrides); `time=02:00:00` etc. become cluster.* overrides."""
+    dry_run, overrides = False, []
     for arg in argv:
         key, _, value = arg.partition("=")
         if arg == "--dry-run":
-            args.dry_run = True
-        elif key in ("nodes", "gpus_per_node", "tasks_per_node"):
-            _positive_int(key, value, minimum=0 if key == "gpus_per_node" else 1)
-            overrides.append(f"cluster.{key}={value}")
-        elif key == "time":
-            if not _TIME.match(value):
-                raise ConfigError(f"time={value!r}: must be like 02:00:00, 90 or 1-12:00:00")
-            args.time = value
-        elif key in ("partition", "account"):
-            if not _NAME.match(value):
-                raise ConfigError(f"{key}={value!r}: must be a plain SLURM name")
-            setattr(args, key, value)
-        elif key in ("cpus_per_task", "signal_lead"):
-            setattr(args, key, _positive_int(key, value))
+            dry_run = True
+        elif key in ALIASES:
+            overrides.append(f"cluster.{ALIASES[key]}={value}")
         elif arg.startswith("--"):
             raise ConfigError(f"{arg}: unknown option (only --dry-run)")
         else:
             overrides.append(arg)
     if override_value(overrides, "cluster") is None:
         overrides.insert(0, "cluster=slurm")
-    return args, overrides
+    return dry_run, overrides
 
 
 def resolve_job(overrides: list[str]):
@@ -84,7 +60,7 @@ def resolve_job(overrides: list[str]):
     config, _ = fit_layout(overrides, None, "")
     config, overrides = fit_layout(overrides, config.cluster.nodes * config.cluster.ranks_per_node,
                                    f"{_world_text(config)} ranks")
-    if not _NAME.match(config.train.run_name):
+    if not _RUN_NAME.match(config.train.run_name):
         raise ConfigError(f"train.run_name={config.train.run_name!r}: must be usable as a directory name")
     return config, overrides
 
@@ -103,31 +79,32 @@ def job_run_dir(config, overrides: list[str]) -> str:
     return override_value(overrides, "hydra.run.dir") or f"runs/{config.train.run_name}"
 
 
-def render_script(config, overrides: list[str], args: SlurmArgs, python: str = sys.executable,
-                  workdir: str | None = None, env: dict[str, str] | None = None) -> str:
+def render_script(config, overrides: list[str], python: str = sys.executable, workdir: str | None = None,
+                  env: dict[str, str] | None = None) -> str:
     """The sbatch script for this run; `overrides` are passed to every rank of trainer.pretrain."""
     env = os.environ if env is None else env
     run_dir = job_run_dir(config, overrides)
-    gpus = config.cluster.gpus_per_node
+    cluster = config.cluster
+    gpus = cluster.gpus_per_node
     sbatch = [
         f"--job-name={config.train.run_name}",
-        f"--nodes={config.cluster.nodes}",
-        f"--ntasks-per-node={config.cluster.ranks_per_node}",
+        f"--nodes={cluster.nodes}",
+        f"--ntasks-per-node={cluster.ranks_per_node}",
         *([f"--gpus-per-node={gpus}"] if gpus else []),
-        f"--cpus-per-task={args.cpus_per_task}",
-        *([f"--time={args.time}"] if args.time else []),
-        *([f"--partition={args.partition}"] if args.partition else []),
-        *([f"--account={args.account}"] if args.account else []),
+        f"--cpus-per-task={cluster.cpus_per_task}",
+        *([f"--time={cluster.time_limit}"] if cluster.time_limit else []),
+        *([f"--partition={cluster.partition}"] if cluster.partition else []),
+        *([f"--account={cluster.account}"] if cluster.account else []),
         f"--chdir={workdir or os.getcwd()}",
         f"--output={run_dir}/slurm-%j.out",
         f"--error={run_dir}/slurm-%j.out",
-        f"--signal=USR1@{args.signal_lead}",
+        f"--signal=USR1@{cluster.signal_lead_s}",
         "--requeue",
         # A requeued job appends to the same log instead of truncating the first attempt's.
         "--open-mode=append",
     ]
     exports = {
-        "OMP_NUM_THREADS": str(args.cpus_per_task),
+        "OMP_NUM_THREADS": str(cluster.cpus_per_task),
         "NCCL_ASYNC_ERROR_HANDLING": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "PYTHONUNBUFFERED": "1",
@@ -177,13 +154,13 @@ def submit(script_path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     try:
-        args, overrides = split_launcher_args(sys.argv[1:] if argv is None else argv)
+        dry_run, overrides = split_launcher_args(sys.argv[1:] if argv is None else argv)
         config, overrides = resolve_job(overrides)
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
-    script = render_script(config, overrides, args)
-    if args.dry_run:
+    script = render_script(config, overrides)
+    if dry_run:
         sys.stdout.write(script)
         return 0
     run_dir = job_run_dir(config, overrides)

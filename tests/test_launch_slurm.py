@@ -100,9 +100,9 @@ def test_a_process_in_the_batch_step_is_a_job_of_one():
 
 
 def _render(argv: list[str]) -> str:
-    args, overrides = split_launcher_args(argv)
+    _, overrides = split_launcher_args(argv)
     config, overrides = resolve_job(overrides)
-    return render_script(config, overrides, args, python="python", workdir="/work/repo", env={"WANDB_MODE": "online"})
+    return render_script(config, overrides, python="python", workdir="/work/repo", env={"WANDB_MODE": "online"})
 
 
 def test_two_node_script_has_the_sbatch_lines_srun_and_requeue():
@@ -116,7 +116,8 @@ def test_two_node_script_has_the_sbatch_lines_srun_and_requeue():
                  "export PYTHONUNBUFFERED=1", "export WANDB_MODE=online",
                  "unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT",
                  "srun --kill-on-bad-exit=1 python -m trainer.pretrain cluster=slurm cluster.nodes=2 "
-                 "cluster.gpus_per_node=8 model=gpt3-1.3b parallel.tp=8 train.max_steps=1000 parallel.dp=2 "
+                 "cluster.gpus_per_node=8 cluster.time_limit=02:00:00 cluster.partition=gpu cluster.account=x "
+                 "model=gpt3-1.3b parallel.tp=8 train.max_steps=1000 parallel.dp=2 "
                  "hydra.run.dir=runs/gpt3-1.3b",
                  'if [ "$status" -eq 75 ]; then', '  scontrol requeue "$SLURM_JOB_ID"']:
         assert line in script.splitlines(), line
@@ -170,8 +171,10 @@ def test_dry_run_prints_the_script(tmp_path):
     [
         (["parallel.tp=3"], "parallel.tp=3: must divide model.n_head=32"),
         (["parallel.dp=3"], "cluster.nodes*gpus_per_node = 2*8 = 16 ranks but parallel.tp*pp*dp = 8*1*3 = 24"),
-        (["time=soon"], "time='soon'"),
-        (["nodes=0"], "nodes='0'"),
+        (["time=soon"], "cluster.time_limit='soon': must be like 90, 02:00:00 or 1-12:00:00"),
+        (["partition=a/b"], "cluster.partition='a/b': must be a plain SLURM name"),
+        (["optim.lr=("], "Error parsing override 'optim.lr=('"),
+        (["nodes=0"], "cluster.nodes=0: must be >= 1"),
         (["tasks_per_node=4"], "cluster.tasks_per_node=4: must equal cluster.gpus_per_node=8 (one rank per GPU)"),
         (["gpus_per_node=0", "tasks_per_node=3", "parallel.dp=4"],
          "cluster.nodes*tasks_per_node = 2*3 = 6 ranks but parallel.tp*pp*dp = 8*1*4 = 32"),

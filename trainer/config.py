@@ -6,6 +6,7 @@ names, types and allowed values. Each `__post_init__` raises `ConfigError` namin
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,10 @@ class LoggingConfig:
         _require_choice("logging.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
 
 
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch's MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
 @dataclass
 class ClusterConfig:
     """How processes are started. `local` runs on this machine."""
@@ -262,9 +267,25 @@ class ClusterConfig:
     tasks_per_node: int | None = None
     # A collective that waits longer than this fails instead of hanging (e.g. a peer rank died).
     collective_timeout_s: int = 600
+    # sbatch settings for launch.slurm (its short arguments time=, partition=, ... set these too).
+    partition: str | None = None
+    account: str | None = None
+    # Wall-clock limit in sbatch's format: 90 (minutes), 02:00:00, 1-12:00:00; null means the partition's.
+    time_limit: str | None = None
+    cpus_per_task: int = 8
+    # Seconds before the time limit at which SLURM sends SIGUSR1: enough to finish a step and checkpoint.
+    signal_lead_s: int = 120
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "cluster.nodes", "must be >= 1", self.nodes)
+        for key in ("partition", "account"):
+            value = getattr(self, key)
+            _require(value is None or bool(_SLURM_NAME.match(value)), f"cluster.{key}", "must be a plain SLURM name",
+                     value)
+        _require(self.time_limit is None or bool(_SLURM_TIME.match(self.time_limit)), "cluster.time_limit",
+                 "must be like 90, 02:00:00 or 1-12:00:00", self.time_limit)
+        _require(self.cpus_per_task >= 1, "cluster.cpus_per_task", "must be >= 1", self.cpus_per_task)
+        _require(self.signal_lead_s >= 1, "cluster.signal_lead_s", "must be >= 1", self.signal_lead_s)
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0", self.gpus_per_node)
         if self.tasks_per_node is not None:
             _require(self.tasks_per_node >= 1, "cluster.tasks_per_node", "must be >= 1", self.tasks_per_node)
@@ -397,10 +418,15 @@ def register_configs() -> None:
 def compose_config(overrides: list[str]) -> Config:
     """Compose conf/config.yaml with Hydra overrides and validate it, as the training CLI does."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except HydraException as err:  # a malformed override, an unknown key or preset: Hydra names it
+            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
+            raise ConfigError(" ".join(line.strip() for line in lines)) from None
     return to_config(cfg)
 
 

@@ -256,3 +256,16 @@ def test_only_rank_0_of_a_submitit_job_requeues_it(tmp_path, monkeypatch):
     assert requeue_submitit_job({k: v for k, v in job.items() if k != "SUBMITIT_EXECUTOR"}) is None
     assert requeue_submitit_job(job) == "31"
     assert (bin_dir / "calls").read_text() == "requeue 31\n"
+
+
+def test_the_readme_shows_the_script_the_launcher_renders():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    shown = readme.split("```bash\n#!/bin/bash\n", 1)[1].split("```", 1)[0]
+    argv = ["nodes=2", "gpus_per_node=8", "time=12:00:00", "partition=gpu", "account=llm", "model=gpt3-1.3b",
+            "parallel.tp=2", "parallel.pp=2", "train.grad_accum_steps=8", "hardware=h100-sxm",
+            "train.max_steps=20000"]
+    _, overrides = split_launcher_args(argv)
+    config, overrides = resolve_job(overrides)
+    script = render_script(config, overrides, python="/home/me/hydragpt/.venv/bin/python",
+                           workdir="/home/me/hydragpt", env={})
+    assert "#!/bin/bash\n" + shown == script

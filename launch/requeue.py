@@ -1,9 +1,11 @@
-"""Queue a preempted SLURM job again when no job script does it: the Hydra submitit launcher's jobs.
+"""Queue a preempted SLURM job again, from inside it, once its checkpoint is written.
 
-launch.slurm's sbatch script requeues on the trainer's preemption exit status. Under Hydra's submitit
-launcher the trainer catches submitit's signal itself (to checkpoint at a step boundary on every rank),
-so submitit's own handler never runs; rank 0 then asks SLURM to requeue the job, and submitit's rerun of
-the same Hydra job resumes from the checkpoint in the same sweep directory.
+After a preemption warning every rank finishes the same step and the checkpoint is complete on all of them
+(the save ends with a barrier); then rank 0 runs `scontrol requeue` on its own job, and SLURM stops the
+job and queues it again with SLURM_RESTART_COUNT incremented. The rerun resumes from that checkpoint.
+This works the same under launch.slurm's sbatch script and under Hydra's submitit launcher. It does not
+depend on srun's exit status: with --kill-on-bad-exit, the first rank to exit with the preemption status
+gets the slower ones killed, and srun then reports their signal rather than that status.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import subprocess
 from collections.abc import Mapping
 
 
-def under_submitit(env: Mapping[str, str]) -> bool:
-    return env.get("SUBMITIT_EXECUTOR") == "slurm" and bool(env.get("SLURM_JOB_ID"))
+def in_slurm_job_step(env: Mapping[str, str]) -> bool:
+    """A task that srun started inside a job (launch.slurm's script and submitit both use srun)."""
+    return bool(env.get("SLURM_JOB_ID")) and "SLURM_STEP_ID" in env
 
 
-def requeue_submitit_job(env: Mapping[str, str] | None = None) -> str | None:
-    """On rank 0 of a submitit SLURM job, `scontrol requeue` it; return its id (None when not applicable)."""
+def requeue_own_job(env: Mapping[str, str] | None = None) -> str | None:
+    """On global rank 0 of a SLURM job step, `scontrol requeue` the job; return its id (else None)."""
     env = os.environ if env is None else env
-    if not under_submitit(env) or env.get("RANK", env.get("SLURM_PROCID", "0")) != "0":
+    if not in_slurm_job_step(env) or env.get("RANK", env.get("SLURM_PROCID")) != "0":
         return None
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        raise RuntimeError("scontrol not found on PATH: cannot requeue the preempted submitit job")
+        raise RuntimeError("scontrol not found on PATH: cannot requeue the preempted job")
     job_id = env["SLURM_JOB_ID"]
     result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:

@@ -8,7 +8,7 @@ As with launch.local, the trainer config is composed and validated here first, s
 anything is queued. Then an sbatch script is rendered: one srun task per GPU (one per node on CPU nodes), each
 running `trainer.pretrain` with the same overrides and a pinned `hydra.run.dir` so every rank, and every
 requeued rerun, agrees on the run directory (and resume=auto finds its checkpoints). Ahead of the time limit
-SLURM sends SIGUSR1; the trainer checkpoints and exits with train.preemption_exit_code, and the script requeues.
+SLURM sends SIGUSR1; the ranks checkpoint and rank 0 requeues the job (launch/requeue.py).
 Each task derives RANK etc. from SLURM's variables (launch.rendezvous.apply_rank_env).
 """
 
@@ -112,7 +112,6 @@ def render_script(config, overrides: list[str], python: str = sys.executable, wo
     }
     pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]
     command = [python, "-m", "trainer.pretrain", *pinned, f"hydra.run.dir={run_dir}"]
-    code = config.train.preemption_exit_code
     lines = [
         "#!/bin/bash",
         "# Written by launch.slurm; resubmit with `sbatch` on this file.",
@@ -122,16 +121,10 @@ def render_script(config, overrides: list[str], python: str = sys.executable, wo
         # sbatch passes on the submitting shell's environment; its rank variables, if any, are not the job's.
         f"unset {' '.join(RANK_KEYS)}",
         "",
-        # Without a trap, SLURM's SIGTERM would kill this shell before srun returns and the requeue below.
-        "trap 'echo \"batch script: SIGTERM, waiting for srun\"' TERM",
         'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+        "# On SIGUSR1 or SIGTERM every rank checkpoints, then rank 0 requeues this job",
+        "# (train.requeue_on_preemption); the rerun resumes from that checkpoint.",
         "srun --kill-on-bad-exit=1 " + shlex.join(command),
-        "status=$?",
-        f"# {code} (train.preemption_exit_code): the trainer checkpointed on SIGUSR1/SIGTERM; queue it again.",
-        f'if [ "$status" -eq {code} ]; then',
-        '  scontrol requeue "$SLURM_JOB_ID"',
-        "fi",
-        'exit "$status"',
     ]
     return "\n".join(lines) + "\n"
 

@@ -138,6 +138,7 @@ def test_preemption_checkpoints_requeues_and_ends_with_the_same_loss(slurm, smal
 
     stopped = int(re.search(r"preempted by SIGUSR1 at step (\d+)", log).group(1))
     assert 20 <= stopped < STEPS
+    assert f"requeued SLURM job {job_id}" in log  # by rank 0 of the trainer, after the checkpoint
     assert f"job {job_id} (restart 1)" in log and "SLURM_RESTART_COUNT=1" in log
     assert f"resumed from {tmp_path}/runs/preempted/checkpoints/step_{stopped:08d}" in log
     losses = train_losses(metrics)

@@ -216,8 +216,10 @@ class TrainConfig:
     # Signals that mean "the machines are about to go": finish the step, checkpoint, exit for a requeue.
     # SIGUSR1 is launch.slurm's warning (--signal), SIGUSR2 Hydra's submitit launcher's, SIGTERM SLURM's last word.
     preemption_signals: str = "SIGUSR1,SIGUSR2,SIGTERM"
-    # Exit status after such a stop (75 = EX_TEMPFAIL, "try again"); job scripts requeue on it.
+    # Exit status after such a stop (75 = EX_TEMPFAIL, "try again").
     preemption_exit_code: int = 75
+    # Inside a SLURM job, rank 0 then runs `scontrol requeue` on it (launch/requeue.py).
+    requeue_on_preemption: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):

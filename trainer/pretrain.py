@@ -7,6 +7,7 @@ with one line naming the key.
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import time
 
@@ -40,10 +41,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except Preempted as stop:
         log.warning("%s; run again (or requeue) to resume", stop)
-        from launch.requeue import requeue_submitit_job
-
-        if (job_id := requeue_submitit_job()) is not None:
-            log.warning("requeued SLURM job %s (Hydra submitit launcher)", job_id)
+        if config.train.requeue_on_preemption:
+            _requeue_slurm_job()
         sys.exit(config.train.preemption_exit_code)
     except Exception as err:
         from trainer.parallel import collective_failure
@@ -53,6 +52,19 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", line)
         sys.exit(1)
     log.info("total wall time %.1f s", time.perf_counter() - started)
+
+
+def _requeue_slurm_job() -> None:
+    """Inside a SLURM job, rank 0 queues it again (see launch/requeue.py); a failure is logged, not raised."""
+    from launch.requeue import requeue_own_job
+
+    try:
+        job_id = requeue_own_job()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        log.error("could not requeue the job: %s; resubmit it to resume", err)
+        return
+    if job_id is not None:
+        log.warning("requeued SLURM job %s; it resumes from the checkpoint when it starts again", job_id)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,37 @@ def test_layout_matches_the_single_process_loss_curve(layout, reference, small_c
         assert norms[step] > 0.05
 
 
+SEQUENCE_PARALLEL = {
+    "tp2-sp": (2, ["parallel.tp=2", "parallel.dp=1", "train.grad_accum_steps=4"]),
+    "tp2-pp2-sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "train.grad_accum_steps=4"]),
+    "tp2-dp2-zero3-sp": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=3",
+                             "train.grad_accum_steps=2"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(SEQUENCE_PARALLEL))
+def test_sequence_parallelism_matches_the_single_process_loss_curve(layout, reference, small_corpus, tmp_path):
+    """Megatron's sequence-parallel layers, with only their buffer device pointed at the CPU (see the worker)."""
+    reference, reference_checkpoint = reference
+    reference_norms = train_metric(reference_checkpoint.parent.parent, "train/grad_norm")
+    nproc, layout_args = SEQUENCE_PARALLEL[layout]
+    args = [*layout_args, "parallel.sequence_parallel=true", *SMALL_RUN, *_data_args(small_corpus),
+            f"train.max_steps={STEPS + 1}", f"train.exit_after_steps={STEPS}", "train.eval_interval=0",
+            "train.checkpoint_interval=0", "train.run_name=sp"]
+    worker = REPO / "tests" / "workers" / "sequence_parallel.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                             f"--master_port={free_port()}", str(worker), *args],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = train_losses(tmp_path / "runs" / "sp")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=RTOL), (step, losses[step], reference[step])
+    norms = train_metric(tmp_path / "runs" / "sp", "train/grad_norm")
+    for step in norms:  # LayerNorm and row-bias gradients summed over the sequence chunks of both tp ranks
+        assert norms[step] == pytest.approx(reference_norms[step], rel=1e-4), (step, norms, reference_norms)
+
+
 def test_save_at_one_layout_resume_at_another(reference, small_corpus, tmp_path):
     reference, reference_checkpoint = reference
     common = [*SMALL_RUN, *_data_args(small_corpus), f"train.max_steps={STEPS + 1}", "train.grad_accum_steps=4",

@@ -119,7 +119,9 @@ class ParallelConfig:
     # How pipeline stages are cut: parameters (balanced by parameter count), uniform (by layer count),
     # or type:Block (balanced by transformer blocks).
     pipeline_partition: str = "parameters"
-    # Megatron's sequence parallelism for LayerNorm/dropout regions; needs CUDA (megatron-core's buffers).
+    # Megatron's sequence parallelism: LayerNorms, dropout and the residual stream hold 1/tp of the sequence
+    # per rank (all-gather before and reduce-scatter after each tensor-parallel region). megatron-core's
+    # sequence-parallel layers allocate their buffers on CUDA, so it is refused on the CPU.
     sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
@@ -389,6 +391,15 @@ class Config:
         _require(
             self.model.ffn_size % tp == 0, "parallel.tp", f"must divide the MLP width {self.model.ffn_size}", tp
         )
+        if self.parallel.sequence_parallel:
+            _require(seq_len % tp == 0, "parallel.sequence_parallel",
+                     f"splits the sequence over tp ranks: parallel.tp={tp} must divide the sequence length {seq_len}",
+                     True)
+            # Every tp rank draws dropout masks from the same generator, so with chunks of one sequence on
+            # different ranks the masks would repeat from chunk to chunk.
+            _require(self.model.dropout == 0.0, "parallel.sequence_parallel",
+                     f"needs model.dropout=0 (it is {self.model.dropout}): dropout masks would repeat across "
+                     "the sequence chunks of the tp ranks", True)
 
     @property
     def seq_len(self) -> int:

@@ -69,6 +69,11 @@ def build_deepspeed_config(config: Config, precision: str) -> dict:
             "params": {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
                        "weight_decay": optim.weight_decay},
         }
+    if parallel.sequence_parallel:
+        # The pipeline engine sends each tp rank 1/tp of an activation and all-gathers it on the next stage,
+        # which assumes activations are the same on every tp rank; with sequence parallelism each holds its
+        # own chunk, so every rank sends its whole (already 1/tp-sized) tensor.
+        ds_config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if config.cost.time_communication:
         ds_config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     if precision == "bf16":
@@ -107,15 +112,19 @@ def global_grad_norm(module: nn.Module) -> float:
 
 def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
     """The GPT for this rank: the whole model (pp = 1) or its pipeline stage (pp > 1)."""
-    if config.parallel.sequence_parallel and topo.device.type != "cuda":
+    if config.parallel.sequence_parallel and not sequence_parallel_supported(topo.device):
         raise ConfigError("parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel "
-                          "buffers are CUDA-only; turn it off on the CPU")
-    if config.parallel.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true is not wired into the model yet; turn it off")
+                          "layers allocate their buffers on the current CUDA device; turn it off on the CPU")
     if topo.pp > 1:
         return build_pipeline(config, vocab_size, topo)
     return GPT(config.model, config.kernels, vocab_size, config.train.seed,
-               activation_checkpointing=config.train.activation_checkpointing)
+               activation_checkpointing=config.train.activation_checkpointing,
+               sequence_parallel=config.parallel.sequence_parallel)
+
+
+def sequence_parallel_supported(device: torch.device) -> bool:
+    """megatron-core's sequence-parallel layers put their buffers on `torch.cuda.current_device()`."""
+    return device.type == "cuda"
 
 
 @dataclass

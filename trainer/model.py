@@ -35,7 +35,7 @@ def _normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
-def _parallel_config() -> ModelParallelConfig:
+def _parallel_config(sequence_parallel: bool = False) -> ModelParallelConfig:
     # Weights are initialised on the CPU as one master tensor and then sliced, so every layout
     # starts from identical numbers; fused CUDA-only paths stay off so CPU and GPU share code.
     return ModelParallelConfig(
@@ -43,20 +43,67 @@ def _parallel_config() -> ModelParallelConfig:
         use_cpu_initialization=True,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         params_dtype=torch.float32,
     )
+
+
+# Sequence parallelism (Megatron's): between the tensor-parallel regions, each tp rank holds its own chunk
+# of the sequence, (B, T/tp, C), so LayerNorm, dropout and the residual stream cost 1/tp of the memory.
+# Megatron's sequence-parallel layers gather and scatter along dim 0; these helpers move our batch-first
+# activations in and out of that order. With sequence_parallel off they are not called (or are identities).
+
+
+def scatter_sequence(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C), the same on every tp rank -> this rank's (B, T/tp, C); the backward all-gathers."""
+    return tensor_parallel.scatter_to_sequence_parallel_region(x.transpose(0, 1)).transpose(0, 1).contiguous()
+
+
+def gather_sequence(x: torch.Tensor) -> torch.Tensor:
+    """This rank's (B, T/tp, C) -> the whole (B, T, C); the backward reduce-scatters the gradient."""
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(
+        x.transpose(0, 1).contiguous(), tensor_parallel_output_grad=True)
+    return gathered.transpose(0, 1)
+
+
+def _chunks_to_sequence(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(chunks*B, T/chunks, ...) as a sequence-parallel column layer gathers it -> (B, T, ...)."""
+    batch = t.shape[0] // chunks
+    return t.view(chunks, batch, *t.shape[1:]).transpose(0, 1).reshape(batch, chunks * t.shape[1], *t.shape[2:])
+
+
+def _sequence_to_chunks(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(B, T, ...) -> (chunks*B, T/chunks, ...), the order a sequence-parallel row layer reduce-scatters."""
+    batch, seq_len = t.shape[:2]
+    rest = t.shape[2:]
+    return t.view(batch, chunks, seq_len // chunks, *rest).transpose(0, 1).reshape(chunks * batch, -1, *rest)
+
+
+def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
+    """A replicated parameter used on sequence chunks gets a partial gradient on each tp rank: sum them."""
+    torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
+
+
+def mark_sequence_parallel(module: nn.Module) -> None:
+    """Sum the gradients of `module`'s replicated parameters over tp (Megatron marks them `sequence_parallel`)."""
+    for param in module.parameters(recurse=False):
+        if not getattr(param, "tensor_model_parallel", False):
+            param.sequence_parallel = True
+            param.register_hook(_sum_over_tensor_parallel)
 
 
 class LayerNorm(nn.Module):
     """LayerNorm whose arithmetic is chosen by `kernels.layernorm` (replicated across tp ranks)."""
 
-    def __init__(self, width: int, eps: float, impl: str):
+    def __init__(self, width: int, eps: float, impl: str, sequence_parallel: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(width))
         self.bias = nn.Parameter(torch.zeros(width))
         self.eps = eps
         self.impl = impl
+        if sequence_parallel:
+            mark_sequence_parallel(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps, self.impl)
@@ -68,6 +115,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, mp: ModelParallelConfig):
         super().__init__()
         tp = mp.tensor_model_parallel_size
+        # Sequence chunks the input arrives in: tp with sequence parallelism (the qkv layer gathers them).
+        self.sequence_chunks = tp if mp.sequence_parallel else 1
         self.local_heads = cfg.n_head // tp
         self.head_dim = cfg.head_dim
         self.attention_impl = kernels.attention
@@ -84,13 +133,14 @@ class CausalSelfAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd)
+        qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd); with sequence parallelism every rank's chunk
+        qkv = _chunks_to_sequence(qkv, self.sequence_chunks)
+        batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hd)
         y = causal_attention(q, k, v, self.attention_impl)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_dim)
-        out, _ = self.proj(y)
+        out, _ = self.proj(_sequence_to_chunks(y, self.sequence_chunks))  # back to this rank's chunk
         return out
 
 
@@ -118,14 +168,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, seed: int, layer_index: int):
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, seed: int, layer_index: int,
+                 sequence_parallel: bool = False):
         super().__init__()
-        mp = _parallel_config()
+        mp = _parallel_config(sequence_parallel)
         with _seeded(seed, layer_index + 1):
-            self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+            self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm, sequence_parallel)
             self.attn = CausalSelfAttention(cfg, kernels, mp)
-            self.ln_mlp = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+            self.ln_mlp = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm, sequence_parallel)
             self.mlp = MLP(cfg, mp)
+        if sequence_parallel:  # the row layers' biases are added to sequence chunks, after the reduce-scatter
+            mark_sequence_parallel(self.attn.proj)
+            mark_sequence_parallel(self.mlp.proj)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,21 +192,25 @@ class Embedding(nn.Module):
 
     `forward(idx)` embeds; `forward(h, output_layer=True)` returns this rank's slice of the vocabulary
     logits, (B, T, V/tp). Both go through the module call, so ZeRO-3 gathers the shared table either way.
+    With sequence parallelism the embedding returns this rank's sequence chunk, and the output layer
+    gathers the chunks back.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int, sequence_parallel: bool = False):
         super().__init__()
         self.tokens = _token_table(cfg, vocab_size, seed)
         with _seeded(seed, 0):
             self.positions = nn.Embedding(cfg.block_size, cfg.n_embd)
             nn.init.normal_(self.positions.weight, mean=0.0, std=cfg.init_std)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, output_layer: bool = False) -> torch.Tensor:
         if output_layer:
-            return _tied_logits(x, self.tokens)
+            return _tied_logits(x, self.tokens, self.sequence_parallel)
         positions = torch.arange(x.shape[1], device=x.device)
-        return self.dropout(self.tokens(x) + self.positions(positions))  # (B, T, C)
+        h = self.dropout(self.tokens(x) + self.positions(positions))  # (B, T, C)
+        return scatter_sequence(h) if self.sequence_parallel else h
 
 
 class OutputLayer(nn.Module):
@@ -162,12 +220,13 @@ class OutputLayer(nn.Module):
     ties the two `tokens.weight` tensors and sums their gradients.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int, sequence_parallel: bool = False):
         super().__init__()
         self.tokens = _token_table(cfg, vocab_size, seed)
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _tied_logits(h, self.tokens)
+        return _tied_logits(h, self.tokens, self.sequence_parallel)
 
 
 def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> tensor_parallel.VocabParallelEmbedding:
@@ -185,18 +244,23 @@ def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> tensor_paralle
     return table
 
 
-def _tied_logits(h: torch.Tensor, table: tensor_parallel.VocabParallelEmbedding) -> torch.Tensor:
-    """This rank's slice of the vocabulary logits, (B, T, V/tp): h @ table^T, with h's gradient all-reduced."""
-    logits = F.linear(tensor_parallel.copy_to_tensor_model_parallel_region(h), table.weight)
+def _tied_logits(h: torch.Tensor, table: tensor_parallel.VocabParallelEmbedding,
+                 sequence_parallel: bool = False) -> torch.Tensor:
+    """This rank's slice of the vocabulary logits, (B, T, V/tp): h @ table^T.
+
+    h's gradient is summed over tp (all-reduced, or reduce-scattered back to sequence chunks).
+    """
+    h = gather_sequence(h) if sequence_parallel else tensor_parallel.copy_to_tensor_model_parallel_region(h)
+    logits = F.linear(h, table.weight)
     return logits.masked_fill(table.padding_mask, float("-inf"))
 
 
 class FinalNorm(nn.Module):
     """The LayerNorm after the last block."""
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, sequence_parallel: bool = False):
         super().__init__()
-        self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm)
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm, sequence_parallel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.ln_f(h)
@@ -217,15 +281,15 @@ class GPT(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, vocab_size: int, seed: int,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, sequence_parallel: bool = False):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.config = cfg
         self.vocab_size = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
         self.activation_checkpointing = activation_checkpointing
-        self.embedding = Embedding(cfg, vocab_size, seed)
-        self.blocks = nn.ModuleList(Block(cfg, kernels, seed, i) for i in range(cfg.n_layer))
-        self.head = FinalNorm(cfg, kernels)
+        self.embedding = Embedding(cfg, vocab_size, seed, sequence_parallel)
+        self.blocks = nn.ModuleList(Block(cfg, kernels, seed, i, sequence_parallel) for i in range(cfg.n_layer))
+        self.head = FinalNorm(cfg, kernels, sequence_parallel)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embedding(idx)

@@ -24,11 +24,12 @@ _LAYER = re.compile(r"^(\d+)\.(.*)$")
 def build_pipeline(config: Config, vocab_size: int, topo: Topology) -> PipelineModule:
     """This rank's pipeline stage of the GPT, partitioned as `parallel.pipeline_partition` says."""
     model, kernels, seed = config.model, config.kernels, config.train.seed
+    sp = config.parallel.sequence_parallel  # stages then pass this rank's sequence chunk to each other
     layers = [
-        TiedLayerSpec(TIE_KEY, Embedding, model, vocab_size, seed, tied_weight_attr=["tokens.weight"]),
-        *(LayerSpec(Block, model, kernels, seed, i) for i in range(model.n_layer)),
-        LayerSpec(FinalNorm, model, kernels),
-        TiedLayerSpec(TIE_KEY, OutputLayer, model, vocab_size, seed, tied_weight_attr=["tokens.weight"]),
+        TiedLayerSpec(TIE_KEY, Embedding, model, vocab_size, seed, sp, tied_weight_attr=["tokens.weight"]),
+        *(LayerSpec(Block, model, kernels, seed, i, sp) for i in range(model.n_layer)),
+        LayerSpec(FinalNorm, model, kernels, sp),
+        TiedLayerSpec(TIE_KEY, OutputLayer, model, vocab_size, seed, sp, tied_weight_attr=["tokens.weight"]),
     ]
     # Axes (pipe, data, model) with model fastest: the same rank order as megatron-core's groups.
     topology = PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)

@@ -285,3 +285,16 @@ def test_a_dead_rank_stops_the_whole_job_and_is_named(small_corpus, tmp_path):
     assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\).*?SIGKILL", output, re.S), output[-3000:]
     # The surviving rank says in one line that it lost its peer, not with a gloo traceback.
     assert "rank 0/2: a collective failed" in output and "Another rank has likely died" in output, output[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tp=2", "model.n_head=4", "model.block_size=33"], "must divide the sequence length 33"),
+        (["parallel.tp=2", "model.dropout=0.1"], "needs model.dropout=0 (it is 0.1)"),
+        (["parallel.tp=1"], "needs parallel.tp > 1"),
+    ],
+)
+def test_sequence_parallel_layouts_that_cannot_work_are_named(overrides, message, small_run):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_run("parallel.sequence_parallel=true", *overrides)

@@ -37,3 +37,9 @@ def fit_layout(overrides: list[str], ranks: int | None, ranks_text: str) -> tupl
         raise ConfigError(f"{ranks_text} but parallel.tp*pp*dp = {tp}*{pp}*{config.parallel.dp} "
                           f"= {config.parallel.world_size}")
     return config, overrides
+
+
+def tensor_parallel_env(config: Config) -> dict[str, str]:
+    """Environment megatron-core's tensor-parallel layers want on GPUs: one hardware queue, so their
+    asynchronous all-gathers and reduce-scatters are issued before the matmuls they overlap with."""
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if config.parallel.tp > 1 else {}

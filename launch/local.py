@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from launch.common import fit_layout
+from launch.common import fit_layout, tensor_parallel_env
 from launch.rendezvous import free_port
 from trainer.config import ConfigError
 
@@ -34,10 +34,10 @@ def split_launcher_args(argv: list[str]) -> tuple[int | None, list[str]]:
     return nproc, rest
 
 
-def resolve_world(nproc: int | None, overrides: list[str]) -> tuple[int, list[str]]:
-    """Validate the config for this world size; return (nproc, overrides with parallel.dp explicit)."""
+def resolve_world(nproc: int | None, overrides: list[str]) -> tuple[int, list[str], dict[str, str]]:
+    """Validate the config for this world size; return (nproc, overrides with parallel.dp explicit, env)."""
     config, overrides = fit_layout(overrides, nproc, f"nproc={nproc}")
-    return config.parallel.world_size, overrides
+    return config.parallel.world_size, overrides, tensor_parallel_env(config)
 
 
 def torchrun_command(nproc: int, overrides: list[str], master_port: int) -> list[str]:
@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     try:
         nproc, overrides = split_launcher_args(sys.argv[1:] if argv is None else argv)
-        nproc, overrides = resolve_world(nproc, overrides)
+        nproc, overrides, job_env = resolve_world(nproc, overrides)
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
     command = torchrun_command(nproc, overrides, free_port())
     log.info("starting %d processes: %s", nproc, " ".join(command[1:]))
     # One thread per rank unless told otherwise: ranks share the machine's cores.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **job_env, **os.environ}
     return subprocess.call(command, env=env)
 
 

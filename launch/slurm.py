@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.common import fit_layout, override_value
+from launch.common import fit_layout, override_value, tensor_parallel_env
 from launch.rendezvous import RANK_KEYS
 from trainer.config import ConfigError
 
@@ -108,6 +108,7 @@ def render_script(config, overrides: list[str], python: str = sys.executable, wo
         "NCCL_ASYNC_ERROR_HANDLING": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "PYTHONUNBUFFERED": "1",
+        **tensor_parallel_env(config),
         **({"WANDB_MODE": env["WANDB_MODE"]} if env.get("WANDB_MODE") else {}),
     }
     pinned = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "hydra.run.dir"]

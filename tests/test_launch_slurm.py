@@ -113,7 +113,7 @@ def test_two_node_script_has_the_sbatch_lines_srun_and_requeue():
                  "#SBATCH --error=runs/gpt3-1.3b/slurm-%j.out", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", "#SBATCH --chdir=/work/repo", "export OMP_NUM_THREADS=8",
                  "export NCCL_ASYNC_ERROR_HANDLING=1", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                 "export PYTHONUNBUFFERED=1", "export WANDB_MODE=online",
+                 "export PYTHONUNBUFFERED=1", "export CUDA_DEVICE_MAX_CONNECTIONS=1", "export WANDB_MODE=online",
                  "unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT",
                  "srun --kill-on-bad-exit=1 python -m trainer.pretrain cluster=slurm cluster.nodes=2 "
                  "cluster.gpus_per_node=8 cluster.time_limit=02:00:00 cluster.partition=gpu cluster.account=x "
@@ -131,6 +131,7 @@ def test_cpu_nodes_run_one_task_each_and_options_are_honoured():
     assert "#SBATCH --ntasks-per-node=1" in lines and "#SBATCH --cpus-per-task=4" in lines
     assert not any("gpus-per-node" in line for line in lines) and not any("--time" in line for line in lines)
     assert "#SBATCH --signal=USR1@300" in lines
+    assert not any("CUDA_DEVICE_MAX_CONNECTIONS" in line for line in lines)  # tp=1: nothing to overlap
     assert "export OMP_NUM_THREADS=4" in lines and "#SBATCH --output=runs/cpu-job/slurm-%j.out" in lines
     assert "cluster=slurm" in script  # chosen when not given
 

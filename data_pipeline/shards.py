@@ -369,21 +369,32 @@ def _drain(raw: io.BufferedReader) -> None:
 class SkipCounter:
     """Loads shards, logging and counting the corrupt ones instead of raising (other errors propagate).
 
-    One per loader (per DataLoader worker: counts are per process). max_skips bounds how many may be
-    skipped before a RuntimeError, so that a wholly broken dataset fails loudly instead of looping.
+    One per loader (per DataLoader worker: counts are per process, and a worker mirrors its count into
+    shared memory for the main process, see mirror_to). max_skips bounds how many may be skipped before a
+    RuntimeError, so that a wholly broken dataset fails loudly instead of looping.
     """
 
     def __init__(self, max_skips: int | None = None) -> None:
         self.max_skips = max_skips
         self.skipped: list[CorruptShardError] = []
+        # In a DataLoader worker: a shared-memory slot where the count is mirrored for the main process.
+        self._mirror: tuple | None = None
 
     @property
     def count(self) -> int:
         return len(self.skipped)
 
+    def mirror_to(self, shared_counts, slot: int) -> None:
+        """Keep shared_counts[slot] (a multiprocessing array) equal to this counter's count."""
+        self._mirror = (shared_counts, slot)
+        shared_counts[slot] = self.count
+
     def record(self, err: CorruptShardError) -> None:
         """Log and count one skipped shard."""
         self.skipped.append(err)
+        if self._mirror is not None:
+            shared_counts, slot = self._mirror
+            shared_counts[slot] = self.count
         logger.warning("skipping corrupt shard %s: %s", err.url, err.reason)
         if self.max_skips is not None and self.count > self.max_skips:
             raise RuntimeError(

@@ -55,6 +55,7 @@ are re-read from the shard on resume. It needs at least dp_world_size shards.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -168,8 +169,10 @@ class TokenStream(IterableDataset):
         # epoch's (global, dp-independent) emission order.
         self._epoch, self._shard_pos, self._offset, self._window = 0, 0, 0, 0
         self._cache: OrderedDict[str, LoadedShard] = OrderedDict()
-        # Corrupt training shards are logged, counted and skipped (per process: each worker has its own).
+        # Corrupt training shards are logged, counted and skipped (per process: each worker has its own,
+        # mirrored into StreamLoader's shared counts when it sets `worker_skip_counts`).
         self.skips = SkipCounter()
+        self.worker_skip_counts = None
         self._blocks: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._layouts: OrderedDict[int, _EpochLayout] = OrderedDict()
         for role in range(self._readers if self._sharded else int(shuffle)):
@@ -379,6 +382,8 @@ class TokenStream(IterableDataset):
                 f"TokenStream built for num_workers={self.num_workers} read by {info.num_workers}"
             )
         self._in_worker = True
+        if self.worker_skip_counts is not None:
+            self.skips.mirror_to(self.worker_skip_counts, info.id)
         if self._sharded:
             # The DataLoader asks worker 0 first: it takes over the role whose turn is next.
             self._set_role((info.id + self._batches) % self._readers)
@@ -520,6 +525,17 @@ class StreamLoader:
         if self.num_workers > 0:
             self._options["prefetch_factor"] = prefetch_factor
         self._batches = None  # the DataLoader's iterator, started on the first batch
+        # Corrupt shards the workers skipped: each worker writes its count into its slot (shared memory);
+        # the counts of workers already stopped (close) are carried in _skips_before.
+        self._worker_skips = multiprocessing.Array("q", max(1, self.num_workers), lock=False)
+        self._skips_before = 0
+
+    @property
+    def skipped_shards(self) -> int:
+        """Corrupt shards skipped so far, by this process or by its DataLoader workers."""
+        if self.num_workers == 0:
+            return self.stream.skips.count
+        return self._skips_before + sum(self._worker_skips)
 
     def __iter__(self) -> StreamLoader:
         return self
@@ -529,6 +545,7 @@ class StreamLoader:
             return next(self.stream)
         if self._batches is None:
             # Workers get copies of the stream at its position now, and place themselves from it.
+            self.stream.worker_skip_counts = self._worker_skips
             loader = DataLoader(
                 self.stream,
                 batch_size=None,
@@ -544,6 +561,9 @@ class StreamLoader:
     def close(self) -> None:
         """Stop the workers; the next batch starts new ones at the current position."""
         self._batches = None  # the iterator shuts its workers down when collected
+        if self.num_workers > 0:
+            self._skips_before += sum(self._worker_skips)
+            self._worker_skips[:] = [0] * len(self._worker_skips)
 
     def state_dict(self) -> dict:
         """The stream's JSON state after the batches taken so far ("batches" counts them)."""
@@ -571,11 +591,17 @@ def eval_batches(prepared_dir: str, seq_len: int, micro_batch_size: int, max_bat
 
 
 def skipped_shards(stream) -> int | None:
-    """Corrupt shards a training stream (TokenStream, StreamLoader or MixtureStream) skipped in this process.
+    """Corrupt-shard skips of a training stream (TokenStream, StreamLoader or MixtureStream) so far, its
+    DataLoader workers' included; None for an iterable that is none of these.
 
-    None when DataLoader workers read the shards: each worker keeps its own count and logs each skip.
+    A corrupt shard counts each time a reader skips it: once an epoch, and once for each worker that reads it.
     """
-    streams = getattr(stream, "streams", None) or [getattr(stream, "stream", stream)]
-    if any(getattr(s, "num_workers", 0) for s in streams):
+    if isinstance(stream, StreamLoader):
+        return stream.skipped_shards
+    if isinstance(stream, TokenStream):
+        return stream.skips.count
+    components = getattr(stream, "streams", None)  # a MixtureStream
+    if components is None:
         return None
-    return sum(s.skips.count for s in streams)
+    counts = [skipped_shards(s) for s in components]
+    return None if None in counts else sum(counts)

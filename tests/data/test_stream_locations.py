@@ -56,3 +56,27 @@ def test_a_corrupt_validation_shard_fails_loudly(tiny_prepared, tmp_path):
     (copy / victim).write_bytes(b"\0garbage" * 100)
     with pytest.raises(CorruptShardError, match=victim):
         eval_batches(str(copy), 8, 2, 4)
+
+
+@pytest.mark.parametrize("split_mode", ["global", "shards"])
+def test_shards_skipped_by_dataloader_workers_are_counted_here(tiny_prepared, tmp_path, split_mode):
+    from data_pipeline.stream import StreamLoader, skipped_shards
+
+    cfg, index = tiny_prepared
+    copy = tmp_path / "prepared"
+    shutil.copytree(cfg.prepared_dir, copy)
+    victim = index["splits"]["train"]["shards"][1]["file"]
+    data = (copy / victim).read_bytes()
+    (copy / victim).write_bytes(data[: len(data) // 2])
+    stream = TokenStream(str(copy), "train", 16, 3, seed=5, shuffle_block_shards=2, num_workers=2,
+                         split_mode=split_mode)
+    loader = StreamLoader(stream)
+    n_windows = TokenStream(str(copy), "train", 16, 3, seed=5, shuffle_block_shards=2)._layout_of(0).n_windows
+    for _ in range(n_windows // 3 + 2):  # a whole epoch and a little more: every shard is read
+        next(loader)
+    first = skipped_shards(loader)
+    assert first >= 1  # each worker that met the corrupt shard counted it, in its shared slot
+    loader.close()  # stopped workers' counts are kept
+    assert skipped_shards(loader) == first
+    next(loader)
+    assert skipped_shards(loader) >= first

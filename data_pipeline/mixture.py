@@ -8,7 +8,8 @@ micro-batches (gradient accumulation) and steps only, Binomial(micro-batches, we
 draws come from one seeded numpy generator, the same on every dp rank, so in global mode all ranks take the
 same component for a global micro-step and the mixture keeps that mode's layout independence; in shards mode
 every rank has taken each component equally often, so rank 0's state fits every rank. The state is the
-generator's state, the per-component batch counts and each component's own state.
+generator's state, the per-component batch counts and each component's own state. A component may be a
+StreamLoader, whose DataLoader workers read ahead for it; its state is exact after the batches taken here.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class MixtureStream:
         batch = next(self.streams[j])
         self.counts[j] += 1
         return batch
+
+    def close(self) -> None:
+        """Stop the components' DataLoader workers, if they have any."""
+        for stream in self.streams:
+            if hasattr(stream, "close"):
+                stream.close()
 
     def state_dict(self) -> dict:
         """JSON-serialisable: the generator's state, the batches per component and each component's state."""

@@ -531,6 +531,14 @@ class StreamLoader:
         self._skips_before = 0
 
     @property
+    def seq_len(self) -> int:
+        return self.stream.seq_len
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.stream.micro_batch_size
+
+    @property
     def skipped_shards(self) -> int:
         """Corrupt shards skipped so far, by this process or by its DataLoader workers."""
         if self.num_workers == 0:

@@ -37,11 +37,13 @@ def test_resume_with_dataloader_workers_continues_the_same_loss_curve(small_run,
     assert [second_half.train_losses[s] for s in (4, 5, 6)] == [straight.train_losses[s] for s in (4, 5, 6)]
 
 
-def test_a_mixture_of_corpora_trains_and_resumes(small_run, small_corpus, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_mixture_of_corpora_trains_and_resumes(small_run, small_corpus, tmp_path, num_workers):
     code = tmp_path / "second-corpus"
     shutil.copytree(small_corpus, code)  # same tokenizer, a second location: a two-corpus mixture
     mixture = f"data.mixture='{small_corpus}:0.7,{code}:0.3'"  # quoted: a comma means a sweep to Hydra
-    steps = ["train.max_steps=6", "train.eval_interval=0", "train.checkpoint_interval=0", mixture]
+    steps = ["train.max_steps=6", "train.eval_interval=0", "train.checkpoint_interval=0", mixture,
+             f"data.num_workers={num_workers}"]  # with workers: each component has its own
     straight = run(small_run(*steps, f"train.run_dir={tmp_path / 'straight'}"))
     run(small_run(*steps, "train.exit_after_steps=3", f"train.run_dir={tmp_path / 'split'}"))
     second_half = run(small_run(*steps, f"train.run_dir={tmp_path / 'split'}"))

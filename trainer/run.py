@@ -97,24 +97,23 @@ def _prepare_data(config: Config, topo: Topology) -> dict:
 def build_train_stream(config: Config, topo: Topology, index: dict):
     """The training batches: one corpus or a weighted mixture, read in-process or by DataLoader workers."""
 
-    def tokens(prepared_dir: str, num_workers: int) -> TokenStream:
-        return TokenStream(
+    def loader(prepared_dir: str) -> StreamLoader:
+        tokens = TokenStream(
             prepared_dir, "train", config.seq_len, config.train.micro_batch_size, seed=config.data.seed,
             dp_rank=topo.dp_rank, dp_world_size=topo.dp, shuffle_block_shards=config.data.shuffle_block_shards,
-            split_mode=config.data.split, num_workers=num_workers,
+            split_mode=config.data.split, num_workers=config.data.num_workers,
         )
+        return StreamLoader(tokens, pin_memory=topo.device.type == "cuda")
 
     mixture = parse_mixture(config.data.mixture)
     if not mixture:
-        return StreamLoader(tokens(config.data.prepared_dir, config.data.num_workers),
-                            pin_memory=topo.device.type == "cuda")
-    if config.data.num_workers:
-        raise ConfigError("data.num_workers > 0 is not supported together with data.mixture yet")
+        return loader(config.data.prepared_dir)
     for path, _ in mixture:
         other = read_index(path)
         if (other["vocab_size"], other["eot_id"]) != (index["vocab_size"], index["eot_id"]):
             raise ConfigError(f"data.mixture: {path} was tokenized differently from {config.data.prepared_dir}")
-    return MixtureStream([tokens(p, 0) for p, _ in mixture], [w for _, w in mixture], seed=config.data.seed)
+    # Each component has its own data.num_workers DataLoader workers.
+    return MixtureStream([loader(p) for p, _ in mixture], [w for _, w in mixture], seed=config.data.seed)
 
 
 def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:

@@ -137,3 +137,25 @@ def test_streaming_config_fields_are_validated():
     ]:
         with pytest.raises(ValueError, match=message):
             DataConfig(**kw)
+
+
+def test_a_mixture_of_worker_loaders_draws_the_same_batches_and_resumes(tiny_prepared):
+    from data_pipeline.stream import StreamLoader
+
+    cfg, _ = tiny_prepared
+
+    def with_workers(state=None) -> MixtureStream:
+        loaders = [StreamLoader(_tokens(cfg, seed, num_workers=2)) for seed in (11, 12)]
+        mix = MixtureStream(loaders, [0.7, 0.3], seed=5)
+        if state is not None:
+            mix.load_state_dict(json.loads(json.dumps(state)))
+        return mix
+
+    want = list(islice(_mixture(cfg), 30))  # the same mixture read in this process
+    mix = with_workers()
+    assert _same(list(islice(mix, 12)), want[:12])  # global mode: workers do not change the sequence
+    state = mix.state_dict()
+    mix.close()
+    resumed = with_workers(state)
+    assert _same(list(islice(resumed, 18)), want[12:])
+    resumed.close()

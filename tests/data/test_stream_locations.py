@@ -25,13 +25,19 @@ def test_a_pipe_location_streams_the_same_batches(tiny_prepared):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_a_corrupt_training_shard_is_skipped_counted_and_named(tiny_prepared, tmp_path, caplog):
+def _with_a_truncated_train_shard(tiny_prepared, tmp_path) -> tuple[str, str]:
+    """A copy of the prepared corpus whose second training shard was cut mid-transfer: (dir, shard file)."""
     cfg, index = tiny_prepared
     copy = tmp_path / "prepared"
     shutil.copytree(cfg.prepared_dir, copy)
     victim = index["splits"]["train"]["shards"][1]["file"]
     data = (copy / victim).read_bytes()
-    (copy / victim).write_bytes(data[: len(data) // 2])  # truncated mid-transfer
+    (copy / victim).write_bytes(data[: len(data) // 2])
+    return str(copy), victim
+
+
+def test_a_corrupt_training_shard_is_skipped_counted_and_named(tiny_prepared, tmp_path, caplog):
+    copy, victim = _with_a_truncated_train_shard(tiny_prepared, tmp_path)
     stream = TokenStream(str(copy), "train", 16, 3, seed=5, shuffle_block_shards=2)
     n_windows = stream._layout_of(0).n_windows
     with caplog.at_level(logging.WARNING):
@@ -62,12 +68,7 @@ def test_a_corrupt_validation_shard_fails_loudly(tiny_prepared, tmp_path):
 def test_shards_skipped_by_dataloader_workers_are_counted_here(tiny_prepared, tmp_path, split_mode):
     from data_pipeline.stream import StreamLoader, skipped_shards
 
-    cfg, index = tiny_prepared
-    copy = tmp_path / "prepared"
-    shutil.copytree(cfg.prepared_dir, copy)
-    victim = index["splits"]["train"]["shards"][1]["file"]
-    data = (copy / victim).read_bytes()
-    (copy / victim).write_bytes(data[: len(data) // 2])
+    copy, _ = _with_a_truncated_train_shard(tiny_prepared, tmp_path)
     stream = TokenStream(str(copy), "train", 16, 3, seed=5, shuffle_block_shards=2, num_workers=2,
                          split_mode=split_mode)
     loader = StreamLoader(stream)

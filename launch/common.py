@@ -20,13 +20,15 @@ def compose_for_launch(overrides: list[str]) -> Config:
     return compose_config([*overrides, "train.run_dir=."])
 
 
-def fit_layout(overrides: list[str], ranks: int | None, ranks_text: str) -> tuple[Config, list[str]]:
+def fit_layout(overrides: list[str], ranks: int | None, ranks_text: str,
+               config: Config | None = None) -> tuple[Config, list[str]]:
     """Validate the config for a job of `ranks` processes (None: as the config says).
 
     Returns the config and the overrides with `parallel.dp` explicit, so every rank composes the same
-    layout. `ranks_text` says where the count comes from, for the error message (e.g. "nproc=4").
+    layout. `ranks_text` says where the count comes from, for the error message (e.g. "nproc=4");
+    `config` is `overrides` already composed, if the caller has it.
     """
-    config = compose_for_launch(overrides)
+    config = config or compose_for_launch(overrides)
     tp, pp = config.parallel.tp, config.parallel.pp
     if ranks is not None and override_value(overrides, "parallel.dp") is None:
         if ranks % (tp * pp):

@@ -118,13 +118,19 @@ def _torchrun(env: Mapping[str, str]) -> bool:
     return bool(env.get("RANK")) and bool(env.get("MASTER_ADDR"))
 
 
-def started_by_launcher(env: Mapping[str, str]) -> bool:
-    """True under torchrun (RANK and MASTER_ADDR) or as a task of an srun job step (SLURM_STEP_ID).
+def in_srun_task(env: Mapping[str, str]) -> bool:
+    """A task of an srun job step (launch.slurm's script and submitit both start ranks with srun).
 
-    A process in an sbatch script's batch step also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but it
-    is not one of the job's ranks: taking it for rank 0 would wait forever for ranks nobody starts.
+    A process in an sbatch script's batch step also sees SLURM_PROCID=0 and the job's SLURM_NTASKS, but no
+    SLURM_STEP_ID: it is not one of the job's ranks.
     """
-    return _torchrun(env) or ("SLURM_PROCID" in env and "SLURM_STEP_ID" in env)
+    return "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
+
+
+def started_by_launcher(env: Mapping[str, str]) -> bool:
+    """True under torchrun (RANK and MASTER_ADDR) or in an srun task; a process in an sbatch script's batch
+    step is not one of the job's ranks: taking it for rank 0 would wait forever for ranks nobody starts."""
+    return _torchrun(env) or in_srun_task(env)
 
 
 def apply_rank_env(env: MutableMapping[str, str] | None = None) -> dict[str, str] | None:

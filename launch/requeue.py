@@ -15,16 +15,13 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 
-
-def in_slurm_job_step(env: Mapping[str, str]) -> bool:
-    """A task that srun started inside a job (launch.slurm's script and submitit both use srun)."""
-    return bool(env.get("SLURM_JOB_ID")) and "SLURM_STEP_ID" in env
+from launch.rendezvous import in_srun_task
 
 
 def requeue_own_job(env: Mapping[str, str] | None = None) -> str | None:
     """On global rank 0 of a SLURM job step, `scontrol requeue` the job; return its id (else None)."""
     env = os.environ if env is None else env
-    if not in_slurm_job_step(env) or env.get("RANK", env.get("SLURM_PROCID")) != "0":
+    if not (in_srun_task(env) and env.get("SLURM_JOB_ID")) or env.get("RANK", env["SLURM_PROCID"]) != "0":
         return None
     scontrol = shutil.which("scontrol")
     if scontrol is None:

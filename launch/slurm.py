@@ -23,13 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.common import fit_layout, override_value, tensor_parallel_env
+from launch.common import compose_for_launch, fit_layout, override_value, tensor_parallel_env
 from launch.rendezvous import RANK_KEYS
-from trainer.config import ConfigError
+from trainer.config import PLAIN_NAME, ConfigError
 
 log = logging.getLogger(__name__)
-
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # The launcher's short arguments, each an alias of a cluster.* field.
 ALIASES = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
@@ -57,10 +55,10 @@ def split_launcher_args(argv: list[str]) -> tuple[bool, list[str]]:
 
 def resolve_job(overrides: list[str]):
     """Validate the config for nodes * ranks_per_node ranks; return (config, overrides with parallel.dp explicit)."""
-    config, _ = fit_layout(overrides, None, "")
+    config = compose_for_launch(overrides)
     config, overrides = fit_layout(overrides, config.cluster.nodes * config.cluster.ranks_per_node,
-                                   f"{_world_text(config)} ranks")
-    if not _RUN_NAME.match(config.train.run_name):
+                                   f"{_world_text(config)} ranks", config)
+    if not PLAIN_NAME.match(config.train.run_name):
         raise ConfigError(f"train.run_name={config.train.run_name!r}: must be usable as a directory name")
     return config, overrides
 

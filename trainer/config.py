@@ -256,7 +256,8 @@ class LoggingConfig:
 
 
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # sbatch's MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A name usable as a SLURM partition/account and as a directory: letters, digits, `_`, `.`, `-`.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -284,7 +285,7 @@ class ClusterConfig:
         _require(self.nodes >= 1, "cluster.nodes", "must be >= 1", self.nodes)
         for key in ("partition", "account"):
             value = getattr(self, key)
-            _require(value is None or bool(_SLURM_NAME.match(value)), f"cluster.{key}", "must be a plain SLURM name",
+            _require(value is None or bool(PLAIN_NAME.match(value)), f"cluster.{key}", "must be a plain SLURM name",
                      value)
         _require(self.time_limit is None or bool(_SLURM_TIME.match(self.time_limit)), "cluster.time_limit",
                  "must be like 90, 02:00:00 or 1-12:00:00", self.time_limit)

@@ -527,7 +527,7 @@ class StreamLoader:
         self._batches = None  # the DataLoader's iterator, started on the first batch
         # Corrupt shards the workers skipped: each worker writes its count into its slot (shared memory);
         # the counts of workers already stopped (close) are carried in _skips_before.
-        self._worker_skips = multiprocessing.Array("q", max(1, self.num_workers), lock=False)
+        self._worker_skips = multiprocessing.Array("q", self.num_workers, lock=False) if self.num_workers else None
         self._skips_before = 0
 
     @property

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import sys
 
@@ -22,6 +21,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.attention import attention_reference, attention_sdpa, flash_attention
+from kernels.benchmarks import cannot_run
 
 SEQ_LENS = [1024 * 2**i for i in range(5)]  # 1k .. 16k
 TOKENS = 4096  # B * T while B >= 1: the same work per step at 1k-4k, then growing as T^2 / T
@@ -109,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
     parser.add_argument("--out", default="benchmarks/results/attention", help="folder for the CSV and PNG files")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.benchmarks.attention: no CUDA device; this benchmark needs a GPU.", file=sys.stderr)
-        return 1
-    missing = [m for m in ("pandas", "matplotlib") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"kernels.benchmarks.attention: triton.testing.perf_report needs {', '.join(missing)}.",
-              file=sys.stderr)
+    reason = cannot_run("attention")
+    if reason is not None:
+        print(reason, file=sys.stderr)
         return 1
     modes = list(MODES) if args.mode == "all" else [args.mode]
     peak = device_peak_tflops()

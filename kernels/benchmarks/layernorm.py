@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import sys
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from kernels.benchmarks import cannot_run
 from kernels.layernorm import layer_norm_triton
 
 ROWS = 4096
@@ -124,15 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="benchmarks/results/layernorm", help="folder for the CSV and PNG files"
     )
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.benchmarks.layernorm: no CUDA device; this benchmark needs a GPU.", file=sys.stderr)
-        return 1
-    missing = [m for m in ("pandas", "matplotlib") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(
-            f"kernels.benchmarks.layernorm: triton.testing.perf_report needs {', '.join(missing)}.",
-            file=sys.stderr,
-        )
+    reason = cannot_run("layernorm")
+    if reason is not None:
+        print(reason, file=sys.stderr)
         return 1
     modes = list(MODES) if args.mode == "all" else [args.mode]
     print(f"LayerNorm, M={ROWS}, {args.dtype}, GB/s; providers: {', '.join([*providers(), COPY])}")

@@ -12,6 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -26,6 +27,14 @@ SMALL_RUN = [
     "train.micro_batch_size=4", "train.eval_batches=2", "train.log_interval=1",
     "train.progress_bar=false", "logging.wandb=false", "optim.warmup_steps=2",
 ]  # fmt: skip
+
+
+def logged(metrics: Path, key: str = "train/loss") -> dict[int, float]:
+    """{step: value} of `key` in a run's metrics.jsonl; empty while the run has logged nothing yet."""
+    if not metrics.is_file():
+        return {}
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {r["step"]: r[key] for r in records if key in r}
 
 
 def small_corpus_args(prepared: Path) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.rendezvous import free_port
-from tests.conftest import SMALL_RUN, small_corpus_args
+from tests.conftest import SMALL_RUN, logged, small_corpus_args
 from tests.workers.common import tiny_model_config
 from trainer.config import ConfigError, KernelsConfig, ParallelConfig
 from trainer.engine import build_model
@@ -52,8 +52,7 @@ def launch(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Complet
 
 
 def train_metric(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
+    return logged(run_dir / "metrics.jsonl", key)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

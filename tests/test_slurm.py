@@ -9,7 +9,6 @@ launch.local: the ranks do the same arithmetic and gloo sums two numbers alike, 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from launch.rendezvous import RANK_KEYS
-from tests.conftest import SMALL_RUN, small_corpus_args
+from tests.conftest import SMALL_RUN, logged, small_corpus_args
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
@@ -87,18 +86,11 @@ def wait_for_end(slurm: LocalSlurm, job_id: str, timeout: float = 240, release_r
 def wait_for_steps(metrics: Path, steps: int, slurm: LocalSlurm, job_id: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if max(train_losses(metrics), default=0) >= steps:
+        if max(logged(metrics), default=0) >= steps:
             return
         assert slurm.job(job_id)["JobState"] not in TERMINAL, f"job {job_id} ended before step {steps}"
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not reach step {steps} in {timeout:.0f} s")
-
-
-def train_losses(metrics: Path) -> dict[int, float]:
-    if not metrics.is_file():
-        return {}
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def job_log(cwd: Path, run_name: str, job_id: str) -> str:
@@ -112,7 +104,7 @@ def local_losses(small_corpus, tmp_path_factory) -> dict[int, float]:
     command = [sys.executable, "-m", "launch.local", "nproc=2", *_overrides(small_corpus, "local")]
     result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = train_losses(cwd / "runs" / "local" / "metrics.jsonl")
+    losses = logged(cwd / "runs" / "local" / "metrics.jsonl")
     assert max(losses) == STEPS
     return losses
 
@@ -123,7 +115,7 @@ def test_a_two_task_job_trains_like_a_local_two_process_run(slurm, small_corpus,
     log = job_log(tmp_path, "two", job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert "rank 1/2: tp 0/1 pp 0/1 dp 1/2" in log  # both ranks joined one group from SLURM's variables
-    assert train_losses(tmp_path / "runs" / "two" / "metrics.jsonl") == local_losses
+    assert logged(tmp_path / "runs" / "two" / "metrics.jsonl") == local_losses
 
 
 def test_preemption_checkpoints_requeues_and_ends_with_the_same_loss(slurm, small_corpus, local_losses, tmp_path):
@@ -141,7 +133,7 @@ def test_preemption_checkpoints_requeues_and_ends_with_the_same_loss(slurm, smal
     assert f"requeued SLURM job {job_id}" in log  # by rank 0 of the trainer, after the checkpoint
     assert f"job {job_id} (restart 1)" in log and "SLURM_RESTART_COUNT=1" in log
     assert f"resumed from {tmp_path}/runs/preempted/checkpoints/step_{stopped:08d}" in log
-    losses = train_losses(metrics)
+    losses = logged(metrics)
     assert losses == local_losses  # before the stop and after the resume, to the last step
     assert sorted(losses) == sorted(set(losses))
 
@@ -189,7 +181,7 @@ def test_a_submitit_sweep_runs_each_job_on_slurm(slurm, small_corpus, tmp_path):
     runs = tmp_path / "multirun" / "sweep"
     for job, lr in (("job0", "optim.lr=0.001"), ("job1", "optim.lr=0.002")):
         assert lr in (runs / job / ".hydra" / "overrides.yaml").read_text()
-        assert max(train_losses(runs / job / "metrics.jsonl")) == 10
+        assert max(logged(runs / job / "metrics.jsonl")) == 10
     logs = "".join(p.read_text() for p in (runs / ".submitit").glob("*/*_log.out"))
     assert logs.count("SLURM job ") == 2  # each job ran under SLURM, not in this process
 
@@ -199,7 +191,7 @@ def test_a_submitit_job_of_two_ranks_is_preempted_requeued_and_matches(slurm, sm
                                       "parallel.dp=2", *_overrides(small_corpus, "swept")])
     metrics = tmp_path / "multirun" / "swept" / "job0" / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while max(train_losses(metrics), default=0) < 20:
+    while max(logged(metrics), default=0) < 20:
         assert process.poll() is None and time.monotonic() < deadline, "the submitit job did not start training"
         time.sleep(0.1)
     running = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%A"], env=slurm.env,
@@ -214,4 +206,4 @@ def test_a_submitit_job_of_two_ranks_is_preempted_requeued_and_matches(slurm, sm
     assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1")
     rank_0 = next((tmp_path / "multirun" / "swept" / ".submitit").glob("*/*_0_log.out")).read_text()
     assert "requeued SLURM job" in rank_0 and "SLURM_RESTART_COUNT=1" in rank_0, rank_0[-3000:]
-    assert train_losses(metrics) == local_losses
+    assert logged(metrics) == local_losses

@@ -184,6 +184,7 @@ class Engine:
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
         """One optimizer step over `grad_accum_steps` micro-batches; the loss is averaged over dp."""
         self._last_grad_norm = None
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses; stepping moves it on
         if self.pipeline:
             # The pipeline engine pulls its micro-batches itself and returns their mean loss; its data
             # waits, forward/backward passes, transfers and optimizer step are one schedule.
@@ -196,7 +197,7 @@ class Engine:
         return StepResult(
             loss=self._mean_over_data_parallel(loss),
             grad_norm=float("nan") if norm is None else norm,
-            lr=self.scheduler.get_last_lr()[0],
+            lr=lr,
             phases=self.timer.pop() | self._communication_seconds(),
         )
 

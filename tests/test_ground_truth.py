@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipeline.shards import read_index
+from tests.conftest import logged
 from trainer.config import Config, OptimConfig
 from trainer.engine import build_model
 from trainer.export import export
 from trainer.parallel import init_topology, shutdown_topology
 from trainer.run import build_train_stream, run
-from data_pipeline.shards import read_index
-from tests.conftest import logged
 
 STEPS, ACCUM, CLIP = 6, 2, 0.05
 

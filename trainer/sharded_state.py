@@ -43,6 +43,18 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _optimized_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer updates (and keys its state by): parameters or flat fp32 partitions.
+
+    ZeRO-3 takes its flat partitions out of the optimizer's param groups between steps and keeps them in
+    `fp32_partitioned_groups_flat`; a run resumed into ZeRO-3 has not stepped yet, so they are read there.
+    """
+    base = _base_optimizer(engine)
+    tensors = [tensor for group in base.param_groups for tensor in group["params"]]
+    tensors += getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []
+    return list({id(tensor): tensor for tensor in tensors}.values())
+
+
 def _zero_partitioned(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
@@ -55,13 +67,12 @@ def _materialize_moments(engine) -> None:
     have no moments to read or write.
     """
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for flat in group["params"]:
-            state = base.state[flat]
-            for key in MOMENTS:
-                if key not in state:
-                    state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            state.setdefault("step", torch.tensor(0.0))
+    for flat in _optimized_tensors(engine):
+        state = base.state[flat]
+        for key in MOMENTS:
+            if key not in state:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        state.setdefault("step", torch.tensor(0.0))
     groups = getattr(engine.optimizer, "bit16_groups", None)
     partitions = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
     if groups is not None and partitions is not None:
@@ -140,7 +151,7 @@ def apply_full_state(
             with torch.no_grad():
                 param.copy_(weight)
             base.state[param] = {key: local(f"{key}/{name}").to(param.dtype) for key in MOMENTS}
-    _set_adam_step(base, step)
+    _set_adam_step(base, _optimized_tensors(engine), step)
 
 
 def _set_low_precision_copy(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -157,9 +168,8 @@ def _set_low_precision_copy(param: nn.Parameter, value: torch.Tensor) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def _set_adam_step(base: torch.optim.Optimizer, step: int) -> None:
-    for group in base.param_groups:
-        for param in group["params"]:
-            state = base.state.setdefault(param, {})
-            old = state.get("step")
-            state["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step
+def _set_adam_step(base: torch.optim.Optimizer, tensors: list[torch.Tensor], step: int) -> None:
+    for tensor in tensors:
+        state = base.state.setdefault(tensor, {})
+        old = state.get("step")
+        state["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step

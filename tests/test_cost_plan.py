@@ -1,18 +1,13 @@
-"""Time and money, Chinchilla, the layout search, the hardware table and the `python -m trainer.cost` CLI."""
+"""Time and money, Chinchilla, the layout search and the hardware table (the CLI: tests/test_cost_cli.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from trainer.config import CONF_DIR, HardwareConfig, ModelConfig, compose_config
-from trainer.cost.__main__ import main
 from trainer.cost.budget import chinchilla_loss, chinchilla_optimal, run_cost
 from trainer.cost.memory import Layout
 from trainer.cost.planner import search_layouts, step_times
@@ -82,52 +77,3 @@ def test_every_hardware_preset_composes(name):
     hardware = compose_config([f"hardware={name}", "train.run_dir=unused"]).hardware
     assert hardware.name == name
     assert name == "cpu" or (hardware.peak_flops > 0 and hardware.memory_gb > 0 and hardware.tdp_watts > 0)
-
-
-def cost_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.run([sys.executable, "-m", "trainer.cost", *args], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=Path(CONF_DIR).parent)
-
-
-PLAN_175B = ["plan", "model=gpt3-175b", "hardware=a100-80gb", "gpus=1024", "tokens=300e9"]
-
-
-def test_cli_plans_gpt3_175b_as_text_and_json():
-    text = cost_cli(*PLAN_175B)
-    assert text.returncode == 0, text.stderr
-    for needle in ("Parameters: 174,604,836,864", "Best layout: tp=8", "DOES NOT FIT", "Chinchilla",
-                   "GPU-hours", "doesn't fit: needs", "pipeline bubble"):
-        assert needle in text.stdout
-    result = cost_cli(*PLAN_175B, "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["global_batch"] == 1536 and report["params"]["total"] == 174_604_836_864
-    assert not report["single_gpu"]["fits"] and report["single_gpu"]["headroom"] < -2500
-    assert report["best"]["memory"]["fits"] and report["top"][0]["reason"] == "best"
-    assert 25 < report["cost"]["days"] < 35 and report["cost"]["energy_kwh"] > 0
-
-
-def test_cli_estimates_the_configs_layout(capsys):
-    assert main(["estimate", "model=gpt3-1.3b", "hardware=h100-sxm", "parallel.tp=2", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["layout"]["tp"] == 2 and report["memory"]["fits"] and report["step_times"]["tp_comm"] > 0
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["plan", "model=nope", "gpus=8", "tokens=1e9"], "model/nope"),
-        (["plan", "gpus=8", "tokens=1e9"], "hardware=cpu has no peak"),
-        (["plan", "hardware=a100-80gb", "gpus=eight", "tokens=1e9"], "gpus='eight': must be a number"),
-        (["plan", "hardware=a100-80gb", "tokens=1e9"], "plan needs gpus="),
-        (["plan", "hardware=a100-80gb", "gpus=8", "tokens=1e9", "mfu=2"], "mfu=2.0: must be in (0, 1]"),
-        (["launch"], "expected a command"),
-        (["estimate", "model.n_head=5"], "model.n_head=5: must divide"),
-    ],
-)
-def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
-    # In-process (main() is what `python -m trainer.cost` runs); the subprocess path is covered above.
-    assert main(args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines

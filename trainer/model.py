@@ -20,12 +20,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from kernels import causal_attention, layer_norm
 from trainer.config import KernelsConfig, ModelConfig
-
-
-def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
-    """Round the vocabulary up so each tensor-parallel shard is a multiple of `multiple` rows."""
-    step = multiple * tp
-    return int(math.ceil(vocab_size / step) * step)
+from trainer.vocab import padded_vocab_size
 
 
 def _normal_init(std: float) -> Callable[[torch.Tensor], None]:

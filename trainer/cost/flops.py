@@ -9,6 +9,9 @@ term is QK^T and softmax(QK^T)V: 2*d*T FLOPs each over the full T x T matrix, ha
 causal mask a token attends to (T+1)/2 keys on average (counted as T/2: what a flash kernel computes and
 what MFU should credit). The output layer is the tied h @ E^T. Embedding lookups, LayerNorm, GELU, softmax
 and bias adds are not matmuls and are not counted (under 1% at any size worth planning).
+
+Each term has its own function; tests/test_cost_flops.py checks them one by one, for equality, against what
+torch's FlopCounterMode counts on the built model.
 """
 
 from __future__ import annotations
@@ -18,15 +21,27 @@ from trainer.config import ModelConfig
 
 def forward_flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward-pass FLOPs per token: the dense layers, attention's T-dependent term and the output layer."""
-    return model.n_layer * _block_forward_flops(model, seq_len) + 2 * model.n_embd * vocab_size
+    return model.n_layer * _block_forward_flops(model, seq_len) + output_layer_flops_per_token(model, vocab_size)
+
+
+def dense_flops_per_token(model: ModelConfig) -> float:
+    """One block's weight matmuls per token: qkv (d x 3d), out projection (d x d), MLP fc and projection (d x f)."""
+    d, ffn = model.n_embd, model.ffn_size
+    return 2 * (3 * d * d + d * d + 2 * d * ffn)
+
+
+def attention_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """One block's QK^T and attention-weighted V per token, 2*d*T each, halved: the causal mask's useful half."""
+    return 2 * 2 * model.n_embd * seq_len / 2
+
+
+def output_layer_flops_per_token(model: ModelConfig, vocab_size: int) -> float:
+    """The tied output layer h @ E^T per token over the (padded) vocabulary."""
+    return 2 * model.n_embd * vocab_size
 
 
 def _block_forward_flops(model: ModelConfig, seq_len: int) -> float:
-    d, ffn = model.n_embd, model.ffn_size
-    dense_per_layer = 2 * (3 * d * d + d * d + 2 * d * ffn)  # qkv, out projection, two MLP matmuls
-    # QK^T and attention-weighted V; causal masking halves the useful work on average.
-    attention_per_layer = 2 * 2 * d * seq_len / 2
-    return dense_per_layer + attention_per_layer
+    return dense_flops_per_token(model) + attention_flops_per_token(model, seq_len)
 
 
 def model_flops_per_token(model: ModelConfig, vocab_size: int, seq_len: int) -> float:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from trainer.config import HardwareConfig, ModelConfig
 from trainer.cost.params import layer_parameters_per_rank
-from trainer.model import padded_vocab_size
+from trainer.vocab import padded_vocab_size
 
 GiB = 2**30
 # Bytes per parameter a rank holds: (params, grads, optimizer states).

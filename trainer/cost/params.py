@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer.config import ModelConfig
-from trainer.model import padded_vocab_size
+from trainer.vocab import padded_vocab_size
 
 
 @dataclass(frozen=True)

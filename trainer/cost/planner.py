@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from trainer.config import HardwareConfig, ModelConfig
 from trainer.cost.flops import hardware_flops_per_token, model_flops_per_token
 from trainer.cost.memory import GiB, Layout, MemoryEstimate, estimate_memory, stage_parameters_per_rank
-from trainer.model import padded_vocab_size
+from trainer.vocab import padded_vocab_size
 
 COMPONENTS = {"bubble": "pipeline bubble", "recompute": "recompute's extra forward",
               "tp_comm": "tensor-parallel all-reduces", "zero3": "ZeRO-3 parameter gathers"}

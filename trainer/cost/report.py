@@ -15,7 +15,7 @@ from trainer.cost.flops import (
 from trainer.cost.memory import Layout, estimate_memory
 from trainer.cost.params import parameter_count
 from trainer.cost.planner import Assumptions, search_layouts, step_times
-from trainer.model import padded_vocab_size
+from trainer.vocab import padded_vocab_size
 
 # GPT-3's batch sizes in tokens by model size (Brown et al. 2020, table 2.1): (up to N parameters, tokens).
 GPT3_BATCH_TOKENS = ((1e9, 0.5 * 2**20), (5e9, 2**20), (100e9, 2 * 2**20), (float("inf"), 3.2 * 2**20))

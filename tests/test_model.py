@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.config import KernelsConfig, ModelConfig, OptimConfig
-from trainer.model import GPT, padded_vocab_size
+from trainer.model import GPT
+from trainer.vocab import padded_vocab_size
 from trainer.optim import build_optimizer
 
 VOCAB = 100

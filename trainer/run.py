@@ -36,7 +36,7 @@ from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
-from trainer.model import padded_vocab_size
+from trainer.vocab import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
 from trainer.preemption import Preempted, PreemptionWatch
 

@@ -9,8 +9,8 @@ import torch
 
 from trainer.config import KernelsConfig, ModelConfig, OptimConfig
 from trainer.model import GPT
-from trainer.vocab import padded_vocab_size
 from trainer.optim import build_optimizer
+from trainer.vocab import padded_vocab_size
 
 VOCAB = 100
 PADDED_VOCAB = 128  # 100 rounded up to a multiple of 64 (pad_vocab_to_multiple) at tp=1

@@ -36,9 +36,9 @@ from trainer.engine import Engine, build_model
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
-from trainer.vocab import padded_vocab_size
 from trainer.parallel import Topology, init_topology, shutdown_topology
 from trainer.preemption import Preempted, PreemptionWatch
+from trainer.vocab import padded_vocab_size
 
 log = logging.getLogger(__name__)
 MiB = 2**20

@@ -68,6 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.config import SPLIT_MODES
 from data_pipeline.prepare import TOKENIZER_FILE
 from data_pipeline.shards import LoadedShard, SkipCounter, load_shard, open_shard, read_index, shard_url
+from data_pipeline.tokenizer import tokenizer_from_json
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class _Block:
 
 
 def _read_tokenizer(location: str) -> Tokenizer:
+    # tokenizer_from_json, not Tokenizer.from_str: a text's literal "<|endoftext|>" must stay text here as it
+    # did when data_pipeline.external counted the tokens (encode_special_tokens is not stored in the JSON).
     with open_shard(shard_url(location, TOKENIZER_FILE)) as handle:
-        return Tokenizer.from_str(handle.read().decode())
+        return tokenizer_from_json(handle.read().decode())
 
 
 class TokenStream(IterableDataset):

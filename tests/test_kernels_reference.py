@@ -1,4 +1,5 @@
-"""The torch references in kernels/ against PyTorch's ops and a naive loop: outputs and gradients, odd shapes, dtypes."""
+"""The torch references in kernels/ against PyTorch's ops and a naive loop (outputs and gradients, odd shapes,
+dtypes), and which implementation each kernels.* setting runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.attention
+import kernels.layernorm
 from kernels import causal_attention, layer_norm
 from kernels.attention import attention_reference
 from kernels.layernorm import layer_norm_reference
@@ -154,17 +157,50 @@ def test_layer_norm_reference_in_bf16_keeps_fp32_statistics(width):
             assert_close_to(got, want, torch.bfloat16)
 
 
-def test_dispatch_routes_to_each_implementation():
-    q, k, v = qkv(1, 2, 9, 16)
-    for impl in ("auto", "torch_sdpa", "reference"):
-        torch.testing.assert_close(
-            causal_attention(q, k, v, impl), attention_reference(q, k, v), rtol=1e-5, atol=1e-5
-        )
+def spy_on(monkeypatch, owner, names: list[str]) -> list[str]:
+    """Wrap owner.<name> for each name so that a call runs it and appends its name to the returned list."""
+    calls: list[str] = []
+    for name in names:
+        real = getattr(owner, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+# Which function each kernels.attention setting must run for CPU tensors: `auto` takes PyTorch's SDPA there
+# (the Triton kernel only on CUDA); `triton` runs the kernel even on the CPU (in Triton's interpreter).
+ATTENTION_ON_CPU = {"auto": "attention_sdpa", "triton": "flash_attention", "torch_sdpa": "attention_sdpa",
+                    "reference": "attention_reference"}
+# The same for kernels.layernorm: "layer_norm" is torch.nn.functional.layer_norm.
+LAYERNORM_ON_CPU = {"auto": "layer_norm", "triton": "layer_norm_triton", "torch": "layer_norm",
+                    "reference": "layer_norm_reference"}
+
+
+@pytest.mark.parametrize("impl", list(ATTENTION_ON_CPU))
+def test_attention_dispatch_runs_the_named_implementation(impl, monkeypatch):
+    calls = spy_on(monkeypatch, kernels.attention, sorted(set(ATTENTION_ON_CPU.values())))
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 9, 16))
+    out = causal_attention(q, k, v, impl)
+    assert calls == [ATTENTION_ON_CPU[impl]]
+    is_kernel = type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
+    assert is_kernel == (impl == "triton"), f"{impl}: grad_fn {type(out.grad_fn).__name__}"
+    torch.testing.assert_close(out, attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", list(LAYERNORM_ON_CPU))
+def test_layernorm_dispatch_runs_the_named_implementation(impl, monkeypatch):
+    calls = spy_on(monkeypatch, kernels.layernorm, ["layer_norm_triton", "layer_norm_reference"])
+    calls_to_torch = spy_on(monkeypatch, kernels.layernorm.F, ["layer_norm"])
     x, weight, bias, _ = layer_norm_inputs(3, 10, torch.float32)
-    for impl in ("auto", "torch", "reference"):
-        torch.testing.assert_close(
-            layer_norm(x, weight, bias, 1e-5, impl), F.layer_norm(x, (10,), weight, bias, 1e-5)
-        )
+    out = layer_norm(x.requires_grad_(), weight, bias, 1e-5, impl)
+    assert calls + calls_to_torch == [LAYERNORM_ON_CPU[impl]]
+    is_kernel = type(out.grad_fn).__name__ == "LayerNormFunctionBackward"
+    assert is_kernel == (impl == "triton"), f"{impl}: grad_fn {type(out.grad_fn).__name__}"
+    torch.testing.assert_close(out, layer_norm_reference(x, weight, bias, 1e-5), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_implementations_raise_naming_the_config_key():

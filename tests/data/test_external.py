@@ -1,22 +1,32 @@
-"""Shards written by other tools (webdataset's ShardWriter, plain tar of .txt files) train through our stream."""
+"""Shards written by other tools (webdataset's ShardWriter, plain tar of .txt files) train through our stream.
+
+What the stream reads is compared token for token with each text's token ids followed by the end-of-document
+token, in the order the texts were written.
+"""
 
 from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import torch
 import webdataset as wds
 
 from data_pipeline.external import index_external_shards, main
 from data_pipeline.stream import TokenStream, eval_batches
-from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.tokenizer import EOT_TOKEN, eot_id, load_tokenizer
 
 TEXTS = [f"def function_{i}(x):\n    return x * {i}  # the {i}th document\n" * (3 + i % 4) for i in range(40)]
+# A document that mentions the end-of-document token as text, in the train and in the val part: it must stay
+# text (several tokens, no document boundary) in the index's counts and in the stream alike.
+TEXTS[5] += f"# {EOT_TOKEN} is only text here\n"
+TEXTS[35] += f"# {EOT_TOKEN} is only text here\n"
+DOCS_PER_SHARD = 10  # ShardWriter's maxcount
 
 
 def _shardwriter_shards(directory, texts) -> str:
     pattern = str(directory / "sw-%04d.tar")
-    with wds.ShardWriter(pattern, maxcount=10) as sink:
+    with wds.ShardWriter(pattern, maxcount=DOCS_PER_SHARD) as sink:
         for i, text in enumerate(texts):
             sink.write({"__key__": f"doc{i:04d}", "txt": text})
     return str(directory / "sw-*.tar")
@@ -31,22 +41,59 @@ def _tar_of_text_files(directory, texts) -> str:
     return str(directory / "val-from-tar.tar")
 
 
+def _tokens_of(tok, texts: list[str]) -> np.ndarray:
+    """The token stream texts must become: each text's ids, then the end-of-document token."""
+    return np.concatenate([np.array([*tok.encode(text).ids, eot_id(tok)], dtype=np.int64) for text in texts])
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """The windows of seq_len + 1 tokens taken with stride seq_len, as the stream cuts them: (n, T + 1)."""
+    n = (tokens.size - 1) // seq_len
+    return tokens[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
+
+
+def _sorted_rows(rows: np.ndarray) -> np.ndarray:
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _assert_batches_read(batches, tokens: np.ndarray) -> None:
+    """Unshuffled batches are tokens[0:], inputs and targets one token apart, token for token."""
+    inputs = torch.cat([x.reshape(-1) for x, _ in batches]).numpy()
+    targets = torch.cat([y.reshape(-1) for _, y in batches]).numpy()
+    np.testing.assert_array_equal(inputs, tokens[: inputs.size])
+    np.testing.assert_array_equal(targets, tokens[1 : inputs.size + 1])
+
+
 def test_foreign_shards_are_indexed_and_streamed(tiny_prepared, tmp_path):
     cfg, _ = tiny_prepared
     tokenizer_path = f"{cfg.prepared_dir}/tokenizer.json"
-    train = _shardwriter_shards(tmp_path, TEXTS[:32])
-    val = _tar_of_text_files(tmp_path, TEXTS[32:])
-    index = index_external_shards([train], [val], tokenizer_path, str(tmp_path / "indexed"))
+    train_texts, val_texts = TEXTS[:32], TEXTS[32:]
+    indexed = str(tmp_path / "indexed")
+    index = index_external_shards([_shardwriter_shards(tmp_path, train_texts)],
+                                  [_tar_of_text_files(tmp_path, val_texts)], tokenizer_path, indexed)
     tok = load_tokenizer(tokenizer_path)
-    expected = sum(len(tok.encode(t).ids) + 1 for t in TEXTS[:32])  # +1: the end-of-document token
-    assert index["splits"]["train"]["n_tokens"] == expected and len(index["splits"]["train"]["shards"]) == 4
+    shard_texts = [train_texts[i : i + DOCS_PER_SHARD] for i in range(0, len(train_texts), DOCS_PER_SHARD)]
+    shard_tokens = [_tokens_of(tok, texts) for texts in shard_texts]
+    listed = index["splits"]["train"]["shards"]
+    expected = [(len(texts), tokens.size) for texts, tokens in zip(shard_texts, shard_tokens, strict=True)]
+    assert [(s["n_docs"], s["n_tokens"]) for s in listed] == expected
+    train_tokens = np.concatenate(shard_tokens)
+    assert index["splits"]["train"]["n_tokens"] == train_tokens.size
 
-    stream = TokenStream(str(tmp_path / "indexed"), "train", 8, 2, seed=3, shuffle_block_shards=2)
-    x, y = next(stream)
-    assert x.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
-    decoded = tok.decode(x[0].tolist())
-    assert any(decoded in text for text in TEXTS[:32]) or "function_" in decoded
-    assert eval_batches(str(tmp_path / "indexed"), 8, 2, 3)
+    # Read in index order: the texts' tokens, token for token, every batch of the epoch.
+    T, B = 8, 2
+    in_order = list(TokenStream(indexed, "train", T, B, seed=3, loop=False, shuffle=False))
+    assert len(in_order) == (train_tokens.size - 1) // (B * T)
+    _assert_batches_read(in_order, train_tokens)
+    # Shuffled, one shard per block (no window spans two shards), one window per batch: an epoch is every
+    # window of every shard, once.
+    shuffled = list(TokenStream(indexed, "train", T, 1, seed=3, loop=False, shuffle_block_shards=1))
+    assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in shuffled)
+    rows = np.concatenate([torch.cat([x, y[:, -1:]], dim=1).numpy() for x, y in shuffled])
+    windows = np.concatenate([_windows(tokens, T) for tokens in shard_tokens])
+    np.testing.assert_array_equal(_sorted_rows(rows), _sorted_rows(windows))
+    # The validation tar, in the order `tar` stored the files.
+    _assert_batches_read(eval_batches(indexed, T, B, 3), _tokens_of(tok, val_texts))
 
 
 def test_cli_prints_counts(tiny_prepared, tmp_path, capsys):
@@ -55,7 +102,8 @@ def test_cli_prints_counts(tiny_prepared, tmp_path, capsys):
     val = _tar_of_text_files(tmp_path, TEXTS[20:24])
     assert main(["--train", train, "--val", val, "--tokenizer", f"{cfg.prepared_dir}/tokenizer.json",
                  "--out", str(tmp_path / "out")]) == 0
-    assert "train: 2 shards, 20 documents" in capsys.readouterr().out
+    n_tokens = _tokens_of(load_tokenizer(f"{cfg.prepared_dir}/tokenizer.json"), TEXTS[:20]).size
+    assert f"train: 2 shards, 20 documents, {n_tokens:,} tokens" in capsys.readouterr().out
 
 
 def test_our_shards_list_with_the_tar_command(tiny_prepared):

@@ -65,6 +65,14 @@ def test_forward_and_backward_match_reference(dtype, seq_len, head_dim):
     check_against_reference(*make_qkv(2, 2, 2, seq_len, head_dim, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wide_heads_match_reference(dtype, head_dim):
+    # The head dims of the GPT-3 presets: 64 (125M, 350M, 1.3B) and 128 (6.7B, 13B, 175B). 17 tokens: a full
+    # 16-row tile and a ragged one, so each kernel runs its unmasked and its masked loop.
+    check_against_reference(*make_qkv(1, 2, 2, 17, head_dim, dtype), dtype)
+
+
 @pytest.mark.parametrize(("kv_heads", "dtype"), [(2, torch.float32), (1, torch.float32), (2, torch.float16)])
 def test_grouped_query_attention_matches_reference(kv_heads, dtype):
     # Each kv head's dK/dV sums over the query heads of its group; the reference repeats the kv heads.

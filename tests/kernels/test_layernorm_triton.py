@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.layernorm import (
+    MAX_FUSED_BYTES,
     LayerNormFunction,
     layer_norm,
     layer_norm_reference,
@@ -165,6 +166,18 @@ def test_width_at_the_cap_runs():
     check_against_golden(
         lambda *a: layer_norm_triton(*a, EPS), lambda *a: layer_norm_reference(*a, EPS), grad_out,
         (x, weight, bias), torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_widest_16_bit_row_matches_reference(dtype):
+    # The widest row the kernel claims in 16 bits: MAX_FUSED_BYTES of input, 32768 columns of 2 bytes.
+    # Its sum (32768 values around 3, ~1e5) is past fp16's largest number (65504): statistics must be fp32.
+    width = MAX_FUSED_BYTES // dtype.itemsize
+    x, weight, bias, grad_out = norm_inputs((2, width), dtype)
+    check_against_golden(
+        lambda *a: layer_norm_triton(*a, EPS), lambda *a: layer_norm_reference(*a, EPS), grad_out,
+        (x, weight, bias), dtype,
     )  # fmt: skip
 
 

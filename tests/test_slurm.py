@@ -25,9 +25,12 @@ from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-# 600 steps of ~10 ms: long enough to signal or kill mid-run, ~10 s of training.
-STEPS = 600
-TRAIN = ["train.max_steps=600", "train.log_interval=5", "train.eval_interval=0", "train.checkpoint_interval=0"]
+# 200 steps of ~10 ms: ~2 s of training, 40 logged losses to compare. A preemption signal is sent once step
+# SIGNAL_AFTER is logged, leaving ~190 steps (~2 s, more on a busy machine) for it to land mid-run; SLURM
+# delivers it in well under a second.
+STEPS = 200
+SIGNAL_AFTER = 10
+TRAIN = [f"train.max_steps={STEPS}", "train.log_interval=5", "train.eval_interval=0", "train.checkpoint_interval=0"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_a_two_task_job_trains_like_a_local_two_process_run(slurm, small_corpus,
 def test_preemption_checkpoints_requeues_and_ends_with_the_same_loss(slurm, small_corpus, local_losses, tmp_path):
     job_id = submit(slurm, tmp_path, _overrides(small_corpus, "preempted"))
     metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"
-    wait_for_steps(metrics, 20, slurm, job_id)
+    wait_for_steps(metrics, SIGNAL_AFTER, slurm, job_id)
     # What `#SBATCH --signal=USR1@120` does ahead of the time limit: SIGUSR1 to every task of the job step.
     subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm.env, check=True, timeout=60)
     job = wait_for_end(slurm, job_id, release_requeued=True)
@@ -129,7 +132,7 @@ def test_preemption_checkpoints_requeues_and_ends_with_the_same_loss(slurm, smal
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
 
     stopped = int(re.search(r"preempted by SIGUSR1 at step (\d+)", log).group(1))
-    assert 20 <= stopped < STEPS
+    assert SIGNAL_AFTER <= stopped < STEPS  # mid-run: losses logged before the stop and after the resume
     assert f"requeued SLURM job {job_id}" in log  # by rank 0 of the trainer, after the checkpoint
     assert f"job {job_id} (restart 1)" in log and "SLURM_RESTART_COUNT=1" in log
     assert f"resumed from {tmp_path}/runs/preempted/checkpoints/step_{stopped:08d}" in log
@@ -191,7 +194,7 @@ def test_a_submitit_job_of_two_ranks_is_preempted_requeued_and_matches(slurm, sm
                                       "parallel.dp=2", *_overrides(small_corpus, "swept")])
     metrics = tmp_path / "multirun" / "swept" / "job0" / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while max(logged(metrics), default=0) < 20:
+    while max(logged(metrics), default=0) < SIGNAL_AFTER:
         assert process.poll() is None and time.monotonic() < deadline, "the submitit job did not start training"
         time.sleep(0.1)
     running = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%A"], env=slurm.env,

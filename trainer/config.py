@@ -6,9 +6,11 @@ names, types and allowed values. Each `__post_init__` raises `ConfigError` namin
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,8 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        for key in ("lr", "weight_decay", "eps", "grad_clip"):  # inf passes the bounds below, and NaN would too
+            _require(math.isfinite(getattr(self, key)), f"optim.{key}", "must be finite", getattr(self, key))
         _require(self.lr > 0, "optim.lr", "must be positive", self.lr)
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr={self.lr}]", self.min_lr)
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
@@ -438,10 +442,69 @@ def compose_config(overrides: list[str]) -> Config:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         try:
             cfg = compose(config_name="config", overrides=overrides)
-        except HydraException as err:  # a malformed override, an unknown key or preset: Hydra names it
-            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
-            raise ConfigError(" ".join(line.strip() for line in lines)) from None
+        except HydraException as err:
+            raise config_error(err) from None
     return to_config(cfg)
+
+
+def config_error(err: Exception) -> ConfigError:
+    """One line naming the key, from what Hydra or OmegaConf raised composing the config: an unknown key or
+    preset, a value of the wrong type, an override that does not parse."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(err, ConfigError):
+        return err
+    if isinstance(err, MissingConfigException) and err.options and "/" in (err.missing_cfg_file or ""):
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        return ConfigError(f"{group}={name}: no such preset (no {group}/{name}.yaml); "
+                           f"choose one of {', '.join(sorted(err.options))}")
+    if isinstance(err, OverrideParseException):
+        key = err.override.partition("=")[0].lstrip("+~")
+        detail = [line for line in _lines(err.message) if not line.startswith("Error parsing override")]
+        return ConfigError(f"{key}: cannot parse {err.override!r}: {' '.join(detail[:1])}".rstrip(": "))
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return unknown_key(key, getattr(cause, "object_type", None))
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return ConfigError(f"{key}: {_lines(str(cause))[0]}")
+    # Hydra's own refusals (a sweep without --multirun, `+` on a key that exists) quote the key first.
+    quoted = re.search(r"'([\w.]+)(=[^']*)?'", str(err))
+    return ConfigError(f"{quoted.group(1) + ': ' if quoted else ''}{' '.join(_lines(str(err))) or type(err).__name__}")
+
+
+def _lines(message: str) -> list[str]:
+    """The non-empty lines of a library's message, stripped, without its links to the documentation."""
+    return [line.strip() for line in message.splitlines() if line.strip() and not line.startswith("See https")]
+
+
+def unknown_key(full_key: str, schema: type | None) -> ConfigError:
+    """ConfigError for a key that `schema` (the dataclass of its section) has no field for."""
+    section, _, name = full_key.rpartition(".")
+    names = [f.name for f in fields(schema)] if is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {'.'.join(filter(None, (section, close[0])))}?" if close else ""
+    return ConfigError(f"{full_key}: unknown key{hint}")
+
+
+def reject_unknown_keys(cfg: Any, path: str = "") -> None:
+    """Raise ConfigError for a key the schema lacks, which `+key=value` adds without a word.
+
+    Sections typed by a dataclass take only its fields; a plain dict (deepspeed.extra) takes any key.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return
+    names = {f.name for f in fields(schema)}
+    for key, node in cfg.items_ex(resolve=False):
+        full_key = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise unknown_key(full_key, schema)
+        if isinstance(node, DictConfig):
+            reject_unknown_keys(node, full_key)
 
 
 def to_config(cfg: Any) -> Config:
@@ -449,18 +512,17 @@ def to_config(cfg: Any) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    reject_unknown_keys(cfg)
     try:
         config = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except ValueError as err:  # a section's own validation (e.g. DataConfig) names its key itself
-        raise ConfigError(str(err)) from None
-    except OmegaConfBaseException as err:
+    except OmegaConfBaseException as err:  # e.g. an interpolation that does not resolve (also a ValueError)
         # OmegaConf may wrap errors raised in __post_init__; surface ours unchanged.
         cause = err.__cause__ or err.__context__
-        if isinstance(cause, ValueError):
-            raise ConfigError(str(cause)) from None
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise (cause if isinstance(cause, ConfigError) else config_error(err)) from None
+    except ValueError as err:  # a section's own validation (e.g. DataConfig) names its key itself
+        raise ConfigError(str(err)) from None
     if not isinstance(config, Config):
         raise ConfigError(f"config root has type {type(config).__name__}; expected Config (check conf/config.yaml)")
     return config

@@ -80,7 +80,8 @@ def main(argv: list[str]) -> int:
             report = estimate_report(config, own.get("mfu", 0.4))
     except (UsageError, ConfigError, HydraException, OmegaConfBaseException, ValueError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"trainer.cost: {message}", file=sys.stderr)
+        kind = "config error: " if isinstance(err, ConfigError) else ""
+        print(f"trainer.cost: {kind}{message}", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps(report, indent=2))

@@ -108,6 +108,27 @@ class ShardState:
     adam_step: int
 
 
+def _require_finite(shard: ShardState, final: Path, topo: Topology) -> None:
+    """Refuse to write a checkpoint holding NaN or infinite weights or moments. Collective: all ranks raise."""
+    culprit = _non_finite_tensor(shard) if topo.dp_rank == 0 else None  # dp replicas hold the same values
+    flag = torch.tensor([float(culprit is not None)], device=topo.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
+    if flag.item():
+        raise CheckpointError(f"checkpoint {final} not written: {culprit or 'another rank holds non-finite values'}; "
+                              "training has diverged (lower optim.lr?); the checkpoints saved before are as they were")
+
+
+def _non_finite_tensor(shard: ShardState) -> str | None:
+    """'weight NAME has N NaN or infinite values (of M)' for the first such tensor, or None."""
+    for kind, tensors in (("weight", shard.weights), ("Adam moment", shard.moments)):
+        for name, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                return f"{kind} {name} has {bad:,} NaN or infinite values (of {tensor.numel():,})"
+    return None
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -142,6 +163,7 @@ def save_checkpoint(
     """Write one checkpoint from every rank, then publish it with a rename and prune old ones."""
     final = root / step_dir_name(state.step)
     staging = root / (final.name + ".tmp")
+    _require_finite(shard, final, topo)  # before anything is written
     if topo.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import STDLIB, STDLIB_SKIP_DIRS, iter_documents, parse_sources, split_of
-from data_pipeline.sources import BadInputError, BadInputLog
+from data_pipeline.sources import BadInputLog, SourceError
 from data_pipeline.tokenizer import (
     _encode_in_worker,
     _init_encode_worker,
@@ -130,13 +130,25 @@ def _read_corpus(cfg: DataConfig, bad_input: BadInputLog) -> dict[str, list[tupl
     documents = iter_documents(cfg.source, cfg.max_corpus_mb, cfg.text_field, bad_input)
     for rel, text in tqdm(documents, desc="read", unit="doc", disable=not sys.stderr.isatty()):
         docs[split_of(rel, cfg.val_fraction)].append((rel, text))
+    _check_splits(cfg, docs, bad_input)
+    return docs
+
+
+def _check_splits(cfg: DataConfig, docs: dict[str, list[tuple[str, str]]], bad_input: BadInputLog) -> None:
+    """Both splits need documents; when none were read at all, say so (data.val_fraction cannot help)."""
+    total = sum(map(len, docs.values()))
+    if total == 0:
+        raise SourceError(
+            f"data.source {cfg.source!r} yielded no documents (empty ones are dropped; bad input skipped: "
+            f"{bad_input.describe()})"
+        )
     for split, items in docs.items():
         if not items:
-            raise ValueError(
-                f"no documents of data.source {cfg.source!r} fell into the {split} split; "
-                f"add documents or change data.val_fraction (got {cfg.val_fraction})"
+            other = "lower" if split == "train" else "raise"
+            raise SourceError(
+                f"all {total} documents of data.source {cfg.source!r} fell into the other split, none into "
+                f"{split}: add documents or {other} data.val_fraction (got {cfg.val_fraction})"
             )
-    return docs
 
 
 def _get_tokenizer(cfg: DataConfig, train_docs: list[tuple[str, str]]) -> Tokenizer:
@@ -458,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = _parse_args(argv)
     try:
         index = ensure_prepared(cfg)
-    except BadInputError as exc:
+    except (SourceError, FileNotFoundError) as exc:  # BadInputError included
         raise SystemExit(f"error: {exc}") from None
     for split in SPLITS:
         s = index["splits"][split]

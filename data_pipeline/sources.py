@@ -6,7 +6,8 @@ A document's id is its file's path relative to the source root, plus `:line` (1-
 or `:row` (0-based) for a parquet row: the train/val split hashes it.
 
 Bad input (an unreadable file, invalid UTF-8, a malformed JSON line, a missing or non-string text field)
-goes to a `BadInputLog`, which counts and skips it, or in strict mode raises `BadInputError`.
+goes to a `BadInputLog`, which counts and skips it, or in strict mode raises `BadInputError`. A source that
+cannot give documents at all (missing, no document files, a file of another type) raises `SourceError`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ LOGGED_PER_KIND = 10
 PARQUET_BATCH_ROWS = 4096
 
 
-class BadInputError(ValueError):
+class SourceError(ValueError):
+    """A data source that gives no documents to prepare (missing, no document files, all skipped); names it."""
+
+
+class BadInputError(SourceError):
     """Bad input met with data.strict set: names the file, the line (or row) and the kind."""
 
 
@@ -52,6 +57,8 @@ class BadInputLog:
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self.counts: Counter[str] = Counter()
+        # The first place each kind was met, to name it when nothing else is left.
+        self.first: dict[str, str] = {}
 
     def report(self, kind: str, path: Path, where: str | None, detail: str) -> None:
         """Record bad input of `kind` in `path` at `where` ("line 3", "row 0" or None for the whole file)."""
@@ -64,6 +71,7 @@ class BadInputLog:
                 "run without --strict (data.strict=false) to skip and count such input"
             ) from None
         self.counts[kind] += 1
+        self.first.setdefault(kind, location)
         if self.counts[kind] <= LOGGED_PER_KIND:
             logger.warning("skipping %s: %s (%s)", location, kind, detail)
             if self.counts[kind] == LOGGED_PER_KIND:
@@ -72,6 +80,10 @@ class BadInputLog:
     def as_dict(self) -> dict[str, int]:
         """Counts of every kind, zeros included (the `bad_input` entry of index.json)."""
         return {kind: self.counts[kind] for kind in BAD_INPUT_KINDS}
+
+    def describe(self) -> str:
+        """What was skipped, with the first place of each kind: "1 invalid_utf8 (first: a.txt line 1)"."""
+        return ", ".join(f"{n} {kind} (first: {self.first[kind]})" for kind, n in self.counts.items()) or "none"
 
 
 def is_document_file(name: str) -> bool:
@@ -116,12 +128,23 @@ def source_files(source: str) -> tuple[Path, list[Path]]:
             files.extend(p for p in (Path(dirpath) / f for f in filenames) if _is_candidate(p))
         return path, files
     if path.is_file():
+        if not is_document_file(path.name):  # e.g. a binary: decoding it would only report it as bad input
+            raise SourceError(
+                f"data.source {source!r}: {path} is not a document file (one of {', '.join(DOCUMENT_SUFFIXES)})"
+            )
         return path.parent, [path]
     if glob.has_magic(source):
         return _glob_root(source), [
             p for p in map(Path, glob.glob(source, recursive=True)) if _is_candidate(p)
         ]
     raise FileNotFoundError(f"data.source {source!r} does not exist")
+
+
+def check_source(source: str) -> None:
+    """Raise what reading one source would raise first: it does not exist, or it holds no document files."""
+    _, files = source_files(source)
+    if not files:
+        raise SourceError(f"data.source {source!r} matches no {'/'.join(DOCUMENT_SUFFIXES)} files")
 
 
 def _decode(raw: bytes, path: Path, where: str | None, log: BadInputLog) -> str | None:

@@ -1,8 +1,15 @@
-"""Checkpoints are atomic, pruned, located by train.resume, resharded on load, and never run code."""
+"""Checkpoints are atomic, pruned, located by train.resume, resharded on load, checked before a resume, and
+never run code."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import pickle
+import struct
+import subprocess
+import zlib
 
 import pytest
 import torch
@@ -13,6 +20,7 @@ from trainer.checkpoint import (
     CheckpointReader,
     ShardState,
     TrainerState,
+    checkpoint_problem,
     list_checkpoints,
     resolve_resume,
     save_checkpoint,
@@ -79,18 +87,44 @@ def test_keeps_only_the_last_k_and_ignores_unfinished(tmp_path):
     assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000004"
 
 
-def test_a_crash_during_save_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
+def test_a_failed_save_removes_its_tmp_and_leaves_previous_checkpoints_intact(tmp_path, monkeypatch):
     _save(tmp_path, 1)
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("trainer.checkpoint._write_json_atomic", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"step_00000002 not saved: .*shard-tp00-pp00.json: cannot be "
+                                              r"written \(No space left on device\)"):
         _save(tmp_path, 2)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
-    assert not (tmp_path / "step_00000002").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # no step_00000002.tmp left
     assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000001"
+
+
+def _mount_tmpfs(path, size: str) -> None:
+    """A small tmpfs at `path` (root only), or skip the test saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which only root can mount")
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+
+
+def test_a_full_disk_during_save_removes_the_tmp_and_keeps_the_previous_checkpoint(tmp_path):
+    root = tmp_path / "small-disk"
+    _mount_tmpfs(root, "256k")
+    try:
+        first = _save(root, 1)
+        big = ShardState({"w": torch.zeros(128, 1024)}, {}, {"w": None}, 1)  # 512 KiB: does not fit
+        with pytest.raises(CheckpointError, match=r"step_00000002 not saved: .*model-tp00-pp00.safetensors: "
+                                                  r"cannot be written \(.*No space left on device"):
+            _save(root, 2, shard=big)
+        assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+        assert checkpoint_problem(first) is None
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
 
 
 def test_resaving_the_same_step_replaces_it(tmp_path):
@@ -109,8 +143,14 @@ def test_a_checkpoint_that_carries_code_is_refused(tmp_path):
     path = _save(tmp_path, 1)
     with open(path / "rng-rank00000.pt", "wb") as handle:
         pickle.dump({"torch": _Payload()}, handle, protocol=2)
-    with pytest.raises(CheckpointError, match="rng-rank00000.pt: unreadable or unsafe"):
+    with pytest.raises(CheckpointError, match="rng-rank00000.pt: unreadable or unsafe") as refused:
         CheckpointReader(path).restore_rng(TOPO)
+    # Named for what it is; PyTorch's advice to load it anyway (weights_only=False, or allowlisting what it
+    # calls) is not repeated: either would run its code.
+    message = str(refused.value)
+    assert message.endswith("(refused: it holds Python objects other than tensors and plain values "
+                            "(Unsupported global: GLOBAL print was not an allowed global by default))")
+    assert "weights_only" not in message and "can still be loaded" not in message and "allowlist" not in message
 
 
 def test_a_truncated_weights_file_is_named(tmp_path):
@@ -132,3 +172,96 @@ def test_resume_path_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="no parameter 'nope'"):
         _save(tmp_path, 2)
         CheckpointReader(tmp_path / "step_00000002").read("nope")
+
+
+def _overwrite_tensor(file, name: str, values: torch.Tensor) -> None:
+    """Overwrite the bytes of tensor `name` inside a safetensors file in place: same size, other values."""
+    raw = bytearray(file.read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    begin, end = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+    raw[8 + header_len + begin:8 + header_len + end] = values.contiguous().view(torch.uint8).numpy().tobytes()
+    file.write_bytes(bytes(raw))
+
+
+def test_every_tensor_and_file_is_checksummed_at_save(tmp_path):
+    path = _save(tmp_path, 1)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["data.json", "model-tp00-pp00.safetensors", "optim-tp00-pp00.safetensors",
+                             "rng-rank00000.pt", "shard-tp00-pp00.json"]
+    weight = files["model-tp00-pp00.safetensors"]["tensors"]["lin.weight"]
+    assert weight == {"shape": [4, 3], "nbytes": 48,
+                      "crc32": zlib.crc32(torch.full((4, 3), 0.5).view(torch.uint8).numpy())}
+    assert files["data.json"]["crc32"] == zlib.crc32((path / "data.json").read_bytes())
+    assert checkpoint_problem(path) is None
+
+
+def test_resume_auto_passes_over_a_truncated_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    weights = newest / "model-tp00-pp00.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000001"
+    size = weights.stat().st_size
+    assert f"{weights}: {size} bytes, {size + 10} when saved (truncated); resuming from " \
+           f"{tmp_path / 'step_00000001'}" in caplog.text
+
+
+def test_nan_bytes_in_a_weight_file_fail_its_checksum_naming_file_and_tensor(tmp_path, caplog):
+    previous = _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    weights = newest / "model-tp00-pp00.safetensors"
+    _overwrite_tensor(weights, "lin.weight", torch.full((4, 3), float("nan")))
+    problem = f"{weights}: checksum mismatch in tensor 'lin.weight'"
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert resolve_resume("auto", tmp_path) == previous
+    assert problem in caplog.text
+    # Named explicitly, that checkpoint and no other; the error says how to take the one before it.
+    with pytest.raises(CheckpointError) as refused:
+        resolve_resume(str(newest), tmp_path)
+    assert problem in str(refused.value)
+    assert str(refused.value).endswith(f"to resume from the previous intact checkpoint use train.resume={previous}")
+
+
+def test_a_deleted_state_file_falls_back_to_the_previous_checkpoint_with_a_warning(tmp_path, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    (newest / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000001"
+    assert f"passing over a damaged checkpoint: {newest / 'trainer_state.json'}: missing" in caplog.text
+
+
+def test_a_checkpoint_saved_before_manifests_existed_is_checked_for_presence_only(tmp_path, caplog):
+    path = _save(tmp_path, 1)
+    (path / "manifest.json").unlink()
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint"):
+        assert resolve_resume("auto", tmp_path) == path
+    assert "has no manifest.json (saved before checksums were recorded)" in caplog.text
+    (path / "rng-rank00000.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*rng-rank00000.pt: missing"):
+        resolve_resume("auto", tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("step", "12", "'step' is '12', not an int"),
+    ("layout", {"tp": 1, "pp": 0, "dp": 1}, "'layout' is {'tp': 1, 'pp': 0, 'dp': 1}, not tp, pp and dp sizes"),
+    ("config", [], "'config' is [], not a dict"),
+])
+def test_a_state_file_with_wrong_types_is_named(tmp_path, field, value, problem):
+    path = _save(tmp_path, 1)
+    state = json.loads((path / "trainer_state.json").read_text())
+    (path / "trainer_state.json").write_text(json.dumps({**state, field: value}))
+    with pytest.raises(CheckpointError) as refused:
+        resolve_resume("auto", tmp_path)
+    assert f"{path / 'trainer_state.json'}: not a trainer state: {problem}" in str(refused.value)
+
+
+def test_pruning_never_counts_checkpoints_newer_than_the_one_saved(tmp_path):
+    # A damaged step 4 that resume=auto passed over must not push the intact checkpoints out.
+    damaged = _save(tmp_path, 4)
+    (damaged / "optim-tp00-pp00.safetensors").write_bytes(b"")
+    _save(tmp_path, 2, keep_last=1)
+    _save(tmp_path, 3, keep_last=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+    assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000003"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
+import torch
 
+from tests.test_checkpoint import _overwrite_tensor
 from trainer.checkpoint import CheckpointError, CheckpointReader, list_checkpoints
 from trainer.run import run
 
@@ -93,3 +96,30 @@ def test_finished_run_rerun_reports_without_training(small_run):
     again = run(small_run("train.max_steps=3"))
     assert again.final_step == 3 and again.tokens_trained == 0
     assert again.val_loss == first.val_loss
+
+
+def test_resume_auto_falls_back_past_a_truncated_checkpoint_on_the_same_curve(small_run, tmp_path, caplog):
+    steps = ["train.max_steps=6", "train.eval_interval=0", "train.checkpoint_interval=2"]
+    straight = run(small_run(*steps, f"train.run_dir={tmp_path / 'straight'}"))
+    run(small_run(*steps, "train.exit_after_steps=4"))
+    root = tmp_path / "run" / "checkpoints"
+    optim = root / "step_00000004" / "optim-tp00-pp00.safetensors"
+    optim.write_bytes(optim.read_bytes()[:1000])  # one truncated file; step 2 is intact
+    with caplog.at_level(logging.INFO):
+        resumed = run(small_run(*steps))
+    assert f"passing over a damaged checkpoint: {optim}: 1000 bytes" in caplog.text
+    assert f"resumed from {root / 'step_00000002'} (step 2" in caplog.text
+    assert [resumed.train_losses[s] for s in (3, 4, 5, 6)] == [straight.train_losses[s] for s in (3, 4, 5, 6)]
+
+
+def test_nan_bytes_in_a_weight_file_are_a_checksum_error_not_a_learning_rate_problem(small_run, tmp_path):
+    run(small_run("train.max_steps=2", "train.eval_interval=0", "train.checkpoint_interval=1"))
+    root = tmp_path / "run" / "checkpoints"
+    newest = root / "step_00000002"
+    name = CheckpointReader(newest).parameter_names()[0]
+    weights = newest / "model-tp00-pp00.safetensors"
+    _overwrite_tensor(weights, name, torch.full_like(CheckpointReader(newest).read(name), float("nan")))
+    with pytest.raises(CheckpointError) as refused:
+        run(small_run("train.max_steps=4", f"train.resume={newest}"))
+    assert f"{weights}: checksum mismatch in tensor {name!r}" in str(refused.value)
+    assert str(refused.value).endswith(f"use train.resume={root / 'step_00000001'}")

@@ -6,11 +6,17 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_00000200/`:
     shard-tp00-pp00.json          the dimension each parameter is split along over tp; the Adam step
     rng-rank00000.pt              the random generators of one rank
     data.json                     the data stream position (the same on every rank)
+    manifest.json                 every other file's size and crc32, per tensor for the safetensors files
     trainer_state.json            step, tokens seen, the layout and the config that produced it
 Weights and moments are gathered over ZeRO partitions and named as the single-process GPT names them,
 so a checkpoint saved at one (tp, pp, dp, ZeRO) layout loads at any other. Everything is written into
 `step_00000200.tmp/` and renamed when complete, so a crash mid-save leaves the previous checkpoints
-untouched and no half-written one under a final name.
+untouched and no half-written one under a final name; a save that fails (a full disk) removes its `.tmp`.
+
+`train.resume=auto` takes the newest checkpoint that is intact (every file present, of its saved size,
+every tensor and file matching its checksum) and says with a WARNING which newer ones it passed over and
+why (trainer/checkpoint_manifest.py); a checkpoint written before manifests existed is checked for presence
+only.
 """
 
 import json
@@ -26,14 +32,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint_manifest import entry_problem, file_entry, tensors_entry
 from trainer.parallel.topology import Topology
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -68,22 +77,104 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Every `step_N` directory under `root`, complete or not, newest first (`.tmp` ones are not)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), entry) for entry in root.iterdir() if (m := STEP_DIR.match(entry.name))]
+    return sorted((step, path) for step, path in found if path.is_dir())[::-1]
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """Map `train.resume` to a checkpoint directory, or None to start fresh."""
-    existing = list_checkpoints(root)
     if resume == "auto":
-        return existing[-1][1] if existing else None
+        return _newest_intact(root)
     if resume == "never":
+        existing = list_checkpoints(root)
         if existing:
             raise CheckpointError(
                 f"train.resume=never but {root} already holds checkpoints (latest: {existing[-1][1].name}); "
                 "use train.resume=auto to continue, or another train.run_name for a new run"
             )
         return None
+    return _named_checkpoint(resume)
+
+
+def _newest_intact(root: Path) -> Path | None:
+    """The newest intact checkpoint under `root` (WARNINGs name the newer ones passed over), None if none exist."""
+    rejected: list[str] = []
+    for _, path in _step_dirs(root):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for reason in rejected:
+                log.warning("train.resume=auto: passing over a damaged checkpoint: %s; resuming from %s",
+                            reason, path)
+            return path
+        rejected.append(problem)
+    if rejected:
+        raise CheckpointError(
+            f"train.resume=auto: no intact checkpoint in {root}: {'; '.join(rejected)}. Move them away to start "
+            "afresh, or use another train.run_name"
+        )
+    return None
+
+
+def _named_checkpoint(resume: str) -> Path:
+    """`train.resume=<dir>`: exactly that checkpoint; if it is damaged, the error names the one before it."""
     path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume!r}: not a complete checkpoint directory (no such directory)")
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return path
+    previous = _previous_intact(path)
+    hint = (f"to resume from the previous intact checkpoint use train.resume={previous}" if previous
+            else "no intact checkpoint precedes it")
+    raise CheckpointError(f"train.resume={resume!r}: not a complete checkpoint directory: {problem}; {hint}")
+
+
+def _previous_intact(path: Path) -> Path | None:
+    """The newest intact checkpoint next to `path` with a lower step, if any."""
+    match = STEP_DIR.match(path.name)
+    step = int(match.group(1)) if match else float("inf")
+    return next((p for s, p in _step_dirs(path.parent) if s < step and checkpoint_problem(p) is None), None)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint unusable, naming the file and the problem; None if it is intact.
+
+    Every file the saving layout wrote must be present; with a manifest, every file must also have its
+    saved size and checksums (per tensor for safetensors files). Without one (saved before manifests
+    existed) presence is all that can be checked.
+    """
     if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"train.resume={resume!r}: not a complete checkpoint directory (no {STATE_FILE})")
-    return path
+        return f"{path / STATE_FILE}: missing (deleted, or the save never finished)"
+    try:
+        state = load_trainer_state(path)
+    except CheckpointError as err:
+        return str(err)
+    missing = [name for name in _expected_files(state.layout) if not (path / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+        return f"{path / missing[0]}: missing{more}"
+    if not (path / MANIFEST_FILE).is_file():
+        log.info("%s has no %s (saved before checksums were recorded): its files are present, their contents "
+                 "unchecked", path, MANIFEST_FILE)
+        return None
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+        return next(filter(None, (entry_problem(path / name, entry) for name, entry in files.items())), None)
+    except OSError as err:
+        return f"{err.filename or path / MANIFEST_FILE}: unreadable ({err.strerror or err})"
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # the manifest itself is damaged
+        return f"{path / MANIFEST_FILE}: unreadable manifest ({type(err).__name__}: {err})"
+
+
+def _expected_files(layout: dict) -> list[str]:
+    """The files a checkpoint saved at `layout` holds besides its state and manifest."""
+    tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
+    shards = [name for p in range(pp) for t in range(tp) for name in _shard_files(t, p).values()]
+    return [DATA_FILE, *shards, *(_rng_file(rank) for rank in range(tp * pp * dp))]
 
 
 def _shard_files(tp_rank: int, pp_rank: int) -> dict[str, str]:
@@ -160,31 +251,88 @@ def _barrier() -> None:
 def save_checkpoint(
     root: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology, keep_last: int
 ) -> Path:
-    """Write one checkpoint from every rank, then publish it with a rename and prune old ones."""
+    """Write one checkpoint from every rank, then publish it with a rename and prune old ones.
+
+    A write that fails (a full disk) removes the `.tmp` directory and raises CheckpointError naming the file;
+    the checkpoints published before are left as they were.
+    """
     final = root / step_dir_name(state.step)
     staging = root / (final.name + ".tmp")
     _require_finite(shard, final, topo)  # before anything is written
+    try:
+        _write_staging(staging, state, shard, data_state, topo)
+    except Exception as err:
+        if topo.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, CheckpointError):
+            raise CheckpointError(f"checkpoint {final.name} not saved: {err}; its .tmp directory was removed, the "
+                                  "checkpoints saved before are as they were") from err
+        raise
+    if topo.is_main:
+        _publish(staging, final)
+        _prune(root, keep_last, state.step)
+    _barrier()
+    return final
+
+
+def _write_staging(staging: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology) -> None:
+    """Every rank writes its files and their manifest entries into `staging`; rank 0 then the manifest and,
+    last, the state file."""
     if topo.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
+    written: dict[str, dict] = {}
     if topo.dp_rank == 0:  # every dp replica holds the same full values
         files = _shard_files(topo.tp_rank, topo.pp_rank)
-        save_file(shard.weights, str(staging / files["model"]))
-        save_file(shard.moments, str(staging / files["optim"]))
-        _write_json_atomic(staging / files["meta"], {"partition_dims": shard.partition_dims,
-                                                     "adam_step": shard.adam_step})
-    torch.save(_rng_state(), staging / _rng_file(topo.rank))
+        written[files["model"]] = _save_tensors(shard.weights, staging / files["model"])
+        written[files["optim"]] = _save_tensors(shard.moments, staging / files["optim"])
+        written[files["meta"]] = _save_json(staging / files["meta"], {"partition_dims": shard.partition_dims,
+                                                                      "adam_step": shard.adam_step})
+    rng_file = staging / _rng_file(topo.rank)
+    written[rng_file.name] = _save_file(rng_file, lambda file: torch.save(_rng_state(), file))
     if topo.is_main:
-        _write_json_atomic(staging / DATA_FILE, data_state)
+        written[DATA_FILE] = _save_json(staging / DATA_FILE, data_state)
+    # Merged into manifest.json and removed in a moment: not worth an fsync.
+    _save_file(staging / _manifest_part(topo.rank), lambda file: file.write_text(json.dumps(written)))
     _barrier()
     if topo.is_main:
+        _save_json(staging / MANIFEST_FILE, {"files": _merge_manifest_parts(staging, topo.world_size)})
         # The state file goes last: its presence marks a checkpoint as complete.
-        _write_json_atomic(staging / STATE_FILE, state.__dict__)
-        _publish(staging, final)
-        _prune(root, keep_last)
-    _barrier()
-    return final
+        _save_json(staging / STATE_FILE, state.__dict__)
+
+
+def _manifest_part(rank: int) -> str:
+    return f"manifest-rank{rank:05d}.json"
+
+
+def _merge_manifest_parts(staging: Path, world_size: int) -> dict[str, dict]:
+    """The manifest entries every rank wrote for its files, in one dict; the parts are removed."""
+    merged: dict[str, dict] = {}
+    for rank in range(world_size):
+        part = staging / _manifest_part(rank)
+        merged.update(json.loads(part.read_text()))
+        part.unlink()
+    return merged
+
+
+def _save_file(file: Path, write: Callable[[Path], None]) -> dict:
+    """Write one file with `write` and return its manifest entry (size, crc32); failures name the file."""
+    try:
+        write(file)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as RuntimeError
+        raise CheckpointError(f"{file}: cannot be written ({_first_line(err)})") from err
+    return file_entry(file)
+
+
+def _save_json(file: Path, payload: Any) -> dict:
+    return _save_file(file, lambda f: _write_json_atomic(f, payload))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> dict:
+    """Write a safetensors file; its manifest entry holds each tensor's crc32 (computed in memory, not re-read)."""
+    _save_file(file, lambda f: save_file(tensors, str(f)))
+    return tensors_entry(file, tensors)
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -198,20 +346,53 @@ def _publish(staging: Path, final: Path) -> None:
         os.replace(staging, final)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, newest: int) -> None:
+    """Keep the last `keep_last` checkpoints up to step `newest`.
+
+    Newer ones (a damaged checkpoint that resume=auto passed over, or one past an explicit train.resume) are
+    neither counted nor removed: counting them could prune every intact checkpoint. Saving their step again
+    replaces them."""
     if keep_last <= 0:
         return
-    for _, path in list_checkpoints(root)[:-keep_last]:
+    for _, path in [c for c in list_checkpoints(root) if c[0] <= newest][:-keep_last]:
         shutil.rmtree(path)
 
 
+# The type of each field of trainer_state.json (vocab_size is absent from early checkpoints).
+_STATE_TYPES = {"step": int, "tokens_seen": int, "layout": dict, "config": dict, "vocab_size": int}
+
+
 def load_trainer_state(path: Path) -> TrainerState:
-    """The step, tokens, layout and config recorded in a checkpoint."""
+    """The step, tokens, layout and config recorded in a checkpoint; anything else is a CheckpointError."""
+    file = path / STATE_FILE
     try:
-        with open(path / STATE_FILE) as handle:
-            return TrainerState(**json.load(handle))
-    except (OSError, json.JSONDecodeError, TypeError) as err:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable checkpoint state ({err})") from None
+        with open(file) as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: unreadable checkpoint state ({err})") from None
+    problem = _state_problem(raw)
+    if problem:
+        raise CheckpointError(f"{file}: not a trainer state: {problem}")
+    return TrainerState(**raw)
+
+
+def _state_problem(raw: Any) -> str | None:
+    """What is wrong with the fields of a parsed trainer_state.json, or None."""
+    if not isinstance(raw, dict):
+        return f"a JSON {type(raw).__name__}, not an object"
+    if unknown := sorted(set(raw) - set(_STATE_TYPES)):
+        return f"unknown field {unknown[0]!r}"
+    for key, kind in _STATE_TYPES.items():
+        if key not in raw and key != "vocab_size":
+            return f"no {key!r}"
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            return f"{key!r} is {raw[key]!r}, not {'an' if kind is int else 'a'} {kind.__name__}"
+    sizes = [raw["layout"].get(axis) for axis in ("tp", "pp", "dp")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        return f"'layout' is {raw['layout']!r}, not tp, pp and dp sizes >= 1"
+    if raw["step"] < 0 or raw["tokens_seen"] < 0:
+        return f"negative 'step' or 'tokens_seen' ({raw['step']}, {raw['tokens_seen']})"
+    return None
 
 
 class CheckpointReader:
@@ -275,5 +456,15 @@ def _read(file: Path, reader: Callable[[Path], Any]) -> Any:
     try:
         return reader(file)
     except Exception as err:  # noqa: BLE001 - any decoder failure means the same thing to the user
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{file}: unreadable or unsafe checkpoint file ({first_line})") from err
+        raise CheckpointError(f"{file}: unreadable or unsafe checkpoint file ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type if it has none), without PyTorch's advice to load an
+    unsafe file with `weights_only=False`: that would run the code we just refused."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if "Weights only load failed" in str(err):
+        unpickler = next((line for line in lines if line.startswith("WeightsUnpickler error:")), "")
+        detail = unpickler.removeprefix("WeightsUnpickler error:").split(". ")[0].strip()  # not its advice
+        return f"refused: it holds Python objects other than tensors and plain values ({detail})"
+    return lines[0] if lines else type(err).__name__

@@ -2,16 +2,21 @@
 
 The config is validated before the heavy libraries are imported, so a bad key, type or value fails in about
 a second with one line on stderr naming the key, and exit status 2: whether Hydra refuses it while composing
-(an unknown key or preset, a wrong type) or our dataclasses do.
+(an unknown key or preset, a wrong type) or our dataclasses do; so does a data.source that is missing when
+the data has to be prepared. The preemption signal handlers go in next, before the heavy imports. What the
+run then refuses (a checkpoint, the data, a model too large for the device, a failed save) also ends in one
+line and exit status 2.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -19,7 +24,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import CONF_DIR, ConfigError, config_error, register_configs, to_config
+from data_pipeline.config import DataConfig
+from data_pipeline.sources import SourceError
+from trainer.config import CONF_DIR, Config, ConfigError, config_error, register_configs, to_config
+from trainer.preemption import Preempted, PreemptionWatch
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +40,59 @@ def train(cfg: DictConfig) -> None:
     started = time.perf_counter()
     try:
         config = to_config(cfg)
-    except ConfigError as err:
+        check_data_source(config.data)
+    except (ConfigError, SourceError, FileNotFoundError) as err:
         exit_config_error(err)
+    # From here on a preemption signal stops the run cleanly, even during the imports and start-up below.
+    preemption = PreemptionWatch(config.train.preemption_signals)
+    try:
+        run_or_exit(config, preemption)
+    finally:
+        preemption.close()
+    log.info("total wall time %.1f s", time.perf_counter() - started)
+
+
+def check_data_source(data: DataConfig) -> None:
+    """Raise now, before the heavy imports, what preparing the data would raise about data.source much later
+    (no source named, a path that does not exist, no document files, a file of another type), if the data is
+    going to be prepared: no index.json yet, or one of another config."""
+    from data_pipeline.corpus import parse_sources
+    from data_pipeline.prepare import INDEX_FILE, fingerprint, is_remote
+    from data_pipeline.sources import check_source
+
+    if is_remote(data.prepared_dir) or data.prepare == "never":
+        return
+    index_file = Path(data.prepared_dir) / INDEX_FILE
+    if data.prepare == "auto" and index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())
+        except ValueError:
+            index = None
+        if isinstance(index, dict) and (index.get("external") or index.get("fingerprint") == fingerprint(data)):
+            return  # reused as it is: the source is not read
+    try:
+        sources = parse_sources(data.source)
+    except ValueError as err:  # data.source names no source (only commas and blanks)
+        raise SourceError(str(err)) from None
+    for source in sources:
+        check_source(source)
+
+
+def one_line_errors() -> tuple[type[Exception], ...]:
+    """What a run reports in one line with exit status 2: bad input (config, data, checkpoint) and refusals."""
+    from data_pipeline.shards import CorruptShardError
     from trainer.checkpoint import CheckpointError
-    from trainer.preemption import Preempted
+
+    return (ConfigError, CheckpointError, FileNotFoundError, SourceError, CorruptShardError)
+
+
+def run_or_exit(config: Config, preemption: PreemptionWatch | None = None) -> None:
+    """Pretrain; known failures end in one line and exit status 2, a preemption in its own exit status."""
     from trainer.run import run
 
     try:
-        run(config)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        run(config, preemption)
+    except one_line_errors() as err:
         log.error("error: %s", err)
         sys.exit(2)
     except Preempted as stop:
@@ -55,7 +107,6 @@ def train(cfg: DictConfig) -> None:
             raise
         log.error("%s", line)
         sys.exit(1)
-    log.info("total wall time %.1f s", time.perf_counter() - started)
 
 
 def _requeue_slurm_job() -> None:
@@ -71,7 +122,7 @@ def _requeue_slurm_job() -> None:
         log.warning("requeued SLURM job %s; it resumes from the checkpoint when it starts again", job_id)
 
 
-def exit_config_error(err: ConfigError) -> NoReturn:
+def exit_config_error(err: Exception) -> NoReturn:
     """One line on stderr, as the launchers write it, and exit status 2.
 
     Written directly: Hydra's job logging, when it is set up at all, goes to stdout."""

@@ -1,26 +1,28 @@
 """`run(config)`: one training run, wired in a fixed order.
 
-Topology, data, model, engine, resume, step loop, final checkpoint and report. Fine-tuning reuses the
-same engine and loop with other data.
+Preemption handlers, topology, memory check, data, model, engine, resume, step loop, final checkpoint and
+report. Fine-tuning reuses the same engine and loop with other data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data_pipeline.config import parse_mixture
+from data_pipeline.config import MIN_VOCAB_SIZE, parse_mixture
 from data_pipeline.mixture import MixtureStream
 from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shards import read_index
 from data_pipeline.stream import StreamLoader, TokenStream, eval_batches
 from launch.rendezvous import slurm_job_text
 from trainer.checkpoint import (
+    STATE_FILE,
     CheckpointError,
     CheckpointReader,
     TrainerState,
@@ -32,7 +34,7 @@ from trainer.cost import model_flops_per_token
 from trainer.cost.flops import hardware_flops_per_token
 from trainer.cost.memory import Layout, estimate_memory
 from trainer.cost.reconcile import Plan, Reconciler, cpu_peak_flops
-from trainer.engine import Engine, build_model
+from trainer.engine import Engine, build_model, resolve_precision
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
@@ -42,6 +44,7 @@ from trainer.vocab import padded_vocab_size
 
 log = logging.getLogger(__name__)
 MiB = 2**20
+GiB = 2**30
 
 
 @dataclass
@@ -118,11 +121,14 @@ def build_train_stream(config: Config, topo: Topology, index: dict):
 
 def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the differences (the layout may differ)."""
+    saved_model = saved.config.get("model")
+    if not isinstance(saved_model, dict):
+        raise CheckpointError(f"{path / STATE_FILE}: its config has no 'model' section")
     current = dataclasses.asdict(config.model)
     diffs = [
-        f"model.{key}={saved.config['model'].get(key)!r} (this run: {value!r})"
+        f"model.{key}={saved_model.get(key)!r} (this run: {value!r})"
         for key, value in current.items()
-        if saved.config["model"].get(key) != value and key != "name"
+        if saved_model.get(key) != value and key != "name"
     ]
     if diffs:
         raise CheckpointError(
@@ -130,10 +136,29 @@ def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
         )
 
 
-def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) -> Progress:
-    path = resolve_resume(config.train.resume, root)
+def _agreed_resume_path(resume: str, root: Path, topo: Topology) -> Path | None:
+    """Rank 0 picks and checks the checkpoint (reading it once, not once per rank); every rank gets its answer,
+    or raises its error."""
+    answer: list = [None]
+    if topo.is_main:
+        try:
+            path = resolve_resume(resume, root)
+            answer = [("ok", None if path is None else str(path))]
+        except CheckpointError as err:
+            answer = [("error", str(err))]
+    if topo.world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
+
+
+def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) -> tuple[Progress, Path | None]:
+    """Load the checkpoint train.resume names (if any): the progress it holds, and its path."""
+    path = _agreed_resume_path(config.train.resume, root, topo)
     if path is None:
-        return Progress()
+        return Progress(), None
     reader = CheckpointReader(path)
     saved = reader.state
     _check_resumable(saved, config, path)
@@ -146,7 +171,7 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
         raise CheckpointError(f"{path}: its data position does not fit this run's data ({err})") from None
     log.info("resumed from %s (step %d, %s tokens seen, saved at layout %s)", path, saved.step,
              f"{saved.tokens_seen:,}", saved.layout)
-    return Progress(step=saved.step, tokens_seen=saved.tokens_seen)
+    return Progress(step=saved.step, tokens_seen=saved.tokens_seen), path
 
 
 def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path,
@@ -168,31 +193,61 @@ def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, ro
     return save
 
 
-def run(config: Config) -> RunSummary:
-    """Pretrain as configured; returns the summary that is also printed and sent to W&B."""
-    topo = init_topology(config.parallel, config.train.device, config.cluster.collective_timeout_s)
+def run(config: Config, preemption: PreemptionWatch | None = None) -> RunSummary:
+    """Pretrain as configured; returns the summary that is also printed and sent to W&B.
+
+    The preemption handlers go in first (the caller's, installed even earlier, or our own) and stay until the
+    run is over: a signal at any point of it ends in a clean stop, never in the signal's default action.
+    """
+    watch = preemption or PreemptionWatch(config.train.preemption_signals)
     try:
-        return _run(config, topo)
+        topo = init_topology(config.parallel, config.train.device, config.cluster.collective_timeout_s)
+        watch.device = topo.device
+        try:
+            return _run(config, topo, watch)
+        finally:
+            shutdown_topology()
     finally:
-        shutdown_topology()
+        if preemption is None:
+            watch.close()
 
 
-def _run(config: Config, topo: Topology) -> RunSummary:
+def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSummary:
+    """Start-up up to the model and the data stream, then `_train`."""
     if not topo.is_main:  # one voice per job: other ranks report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
     if job := slurm_job_text():
         log.info("%s", job)
+    # Before the data is prepared and the model allocated, so with the least vocabulary any tokenizer has.
+    check_memory(config, topo, MIN_VOCAB_SIZE)
     torch.manual_seed(config.train.seed)
-    run_dir = Path(config.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
     index = _prepare_data(config, topo)
-    model = build_model(config, index["vocab_size"], topo)
-    engine = Engine(model, config, topo)
+    _stop_if_preempted(preemption, Progress(), None)  # a safe point before the model is built
+    engine = Engine(build_model(config, index["vocab_size"], topo), config, topo)
     stream = build_train_stream(config, topo, index)
+    try:
+        return _train(config, topo, index, engine, stream, preemption)
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()  # stop DataLoader workers
+
+
+def _stop_if_preempted(preemption: PreemptionWatch, progress: Progress, checkpoint: Path | None) -> None:
+    """A safe point of start-up: stop if any rank got a preemption signal (nothing new to save yet)."""
+    if preemption.requested():
+        raise Preempted(preemption.received, progress.step, None if checkpoint is None else str(checkpoint))
+
+
+def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
+           preemption: PreemptionWatch) -> RunSummary:
+    """Resume, train, write the final checkpoint, report."""
     val = eval_batches(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size,
                        config.train.eval_batches)
+    run_dir = Path(config.train.run_dir)
     root = run_dir / "checkpoints"
-    progress = _resume(config, topo, engine, stream, root)
+    progress, resumed = _resume(config, topo, engine, stream, root)
+    _stop_if_preempted(preemption, progress, resumed)  # the last safe point before training
     save = _checkpoint_saver(config, topo, engine, stream, root, index["vocab_size"])
     padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
     flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
@@ -202,13 +257,9 @@ def _run(config: Config, topo: Topology) -> RunSummary:
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
         reconciler = Reconciler(build_plan(config, topo, padded_vocab, flops_per_token), config.cost.gap_margin)
-        preemption = PreemptionWatch(config.train.preemption_signals, topo.device)
-        try:
-            result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
-                                reconciler, preemption)
-        finally:
-            preemption.close()
-        checkpoint = save(progress)
+        result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
+                            reconciler, preemption)
+        checkpoint = save(progress)  # the handlers are still in: a signal now is noted, not fatal
         if result.preempted_by:  # the machines are going: no final evaluation, straight out
             raise Preempted(result.preempted_by, progress.step, str(checkpoint))
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
@@ -219,12 +270,47 @@ def _run(config: Config, topo: Topology) -> RunSummary:
                      | {"seconds_per_step": summary.seconds_per_step})
     finally:
         sink.close()
-        if hasattr(stream, "close"):
-            stream.close()  # stop DataLoader workers
     _report(summary, topo)
     if topo.is_main:
         _report_plan(reconciler, summary, config, topo, padded_vocab, run_dir, engine.precision)
     return summary
+
+
+def memory_layout(config: Config, topo: Topology, precision: str) -> Layout:
+    """The run's layout as the cost model's memory estimate takes it."""
+    return Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, zero_stage=config.parallel.zero_stage,
+                  micro_batch=config.train.micro_batch_size, seq_len=config.seq_len,
+                  recompute=config.train.activation_checkpointing, precision="bf16" if precision != "fp32" else "fp32",
+                  micro_batches=config.train.grad_accum_steps)
+
+
+def check_memory(config: Config, topo: Topology, vocab_size: int) -> None:
+    """Refuse, before allocating anything, a model whose estimated memory per rank exceeds the device's."""
+    precision = resolve_precision(config.train.precision, topo.device)
+    estimate = estimate_memory(config.model, vocab_size, memory_layout(config, topo, precision), config.hardware)
+    available, device = device_memory(topo.device)
+    if estimate.total > available:
+        model = config.model
+        raise ConfigError(
+            f"model.n_layer={model.n_layer} model.n_embd={model.n_embd}: needs at least {estimate.total / GiB:,.1f} "
+            f"GiB per rank by the cost model's estimate ({estimate.model_states / GiB:,.1f} GiB parameters, "
+            f"gradients and optimizer state at {precision}, {estimate.activations / GiB:,.1f} GiB activations), "
+            f"more than the {available / GiB:,.1f} GiB {device}; choose a smaller model or split it "
+            "(parallel.tp, parallel.pp, parallel.zero_stage)"
+        )
+
+
+def device_memory(device: torch.device) -> tuple[float, str]:
+    """Bytes one rank may use, and what they are: the GPU's memory, or this node's available RAM shared by its
+    ranks."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return float(props.total_memory), f"of {props.name} memory"
+    import psutil
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = f" / {local_ranks} ranks" if local_ranks > 1 else ""
+    return psutil.virtual_memory().available / local_ranks, f"of available RAM{share}"
 
 
 def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: Path,
@@ -270,11 +356,7 @@ def _report_plan(reconciler: Reconciler, summary: RunSummary, config: Config, to
         plot = reconciler.plot(run_dir / "cost.png")
         if plot:
             log.info("cost plot: %s", plot)
-    layout = Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, zero_stage=config.parallel.zero_stage,
-                    micro_batch=config.train.micro_batch_size, seq_len=config.seq_len,
-                    recompute=config.train.activation_checkpointing, precision="bf16" if precision != "fp32" else "fp32",
-                    micro_batches=config.train.grad_accum_steps)
-    estimate = estimate_memory(config.model, padded_vocab, layout, config.hardware)
+    estimate = estimate_memory(config.model, padded_vocab, memory_layout(config, topo, precision), config.hardware)
     measured = max(summary.memory_per_rank, key=lambda m: m["params_mb"] + m["optimizer_mb"])
     log.info("memory per rank: estimated %.1f MiB parameters + %.1f MiB optimizer state, measured %.1f + %.1f MiB",
              estimate.params / MiB, estimate.optimizer / MiB, measured["params_mb"], measured["optimizer_mb"])

@@ -2,6 +2,7 @@
 
 Modules: `config` (DataConfig), `sources` (text, JSONL, parquet readers and bad-input accounting),
 `corpus` (documents and the train/val split), `tokenizer`, `prepare` (shards + index.json, also a CLI),
-`shards` (open and decode one shard from a path or URL, corrupt-shard detection), `stream` (TokenStream,
-StreamLoader, eval_batches), `mixture` (weighted corpora), `bench` (loader throughput).
+`index_file` (what an index.json may name: plain file names, a sha256 per shard), `shards` (open and decode
+one shard from a path or URL, corrupt-shard detection), `stream` (TokenStream, StreamLoader, eval_batches),
+`mixture` (weighted corpora), `external` (index foreign shards), `bench` (loader throughput).
 """

@@ -4,6 +4,9 @@ Measures tokens/s delivered by TokenStream over local shards with 0, 1 and 2 Dat
 raw decode rate of `shards.load_shard`, and compares them with the tokens/s of the newest training run
 (`runs/*/metrics.jsonl` summary: tokens_trained / train_seconds). Targets: the loader delivers at least
 20x what training consumes, and at least 5M tokens/s in one process from pre-tokenized shards.
+
+The stream checks each shard's sha256 as it reads it; what that costs is measured in the same run, with and
+without the check (0 workers and the raw decode, in CPU time, alternately, best of three), as a ratio.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from data_pipeline.stream import TokenStream
 
 TARGET_RATIO = 20.0
 TARGET_TOKENS_PER_S = 5e6
+# Rates of the sha256 comparison are the best of this many alternating measurements: noise between two
+# measurements can be larger than the cost being measured.
+VERIFY_REPEATS = 3
 
 
 class _StreamDataset(IterableDataset):
@@ -40,27 +46,44 @@ class _StreamDataset(IterableDataset):
         return iter(self.stream)
 
 
-def _rate(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], seconds: float) -> float:
+def _rate(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Tokens/s of the input batches, after the first one (worker start-up and first loads excluded)."""
     next(batches)
-    tokens, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    tokens, start = 0, clock()
+    while (elapsed := clock() - start) < seconds:
         inputs, _ = next(batches)
         tokens += inputs.numel()
     return tokens / elapsed
 
 
-def _stream_maker(prepared: Path, seq_len: int, micro_batch_size: int) -> Callable[[int], IterableDataset]:
-    """num_workers -> a train TokenStream for a DataLoader with that many workers, as this version allows."""
+def _stream_maker(prepared: Path, seq_len: int, micro_batch_size: int) -> Callable[..., IterableDataset]:
+    """(num_workers, verify) -> a train TokenStream for a DataLoader with that many workers, checking the
+    shards' sha256 or not, as this version allows."""
     # A TokenStream that knows its DataLoader workers takes their number (and checks it in each worker).
-    takes_workers = "num_workers" in inspect.signature(TokenStream).parameters
+    parameters = inspect.signature(TokenStream).parameters
+    takes_workers, takes_verify = "num_workers" in parameters, "verify_sha256" in parameters
 
-    def make(num_workers: int) -> IterableDataset:
+    def make(num_workers: int, verify: bool = True) -> IterableDataset:
         kwargs = {"num_workers": num_workers} if takes_workers else {}
+        if takes_verify:
+            kwargs["verify_sha256"] = verify
         stream = TokenStream(str(prepared), "train", seq_len, micro_batch_size, seed=0, **kwargs)
         return stream if isinstance(stream, IterableDataset) else _StreamDataset(stream)
 
     return make
+
+
+def _best_alternating(measure: Callable[[bool], float], repeats: int) -> tuple[float, float]:
+    """The best of `repeats` measure(True) and measure(False), taken alternately: (verified, unverified)."""
+    best = {True: 0.0, False: 0.0}
+    for _ in range(repeats):
+        for verify in (True, False):
+            best[verify] = max(best[verify], measure(verify))
+    return best[True], best[False]
 
 
 def _loader(dataset: IterableDataset, num_workers: int) -> Iterator:
@@ -77,14 +100,48 @@ def _workers_split_the_stream(make: Callable[[int], IterableDataset]) -> bool:
     return not torch.equal(first[0], second[0])
 
 
-def _raw_decode_rate(urls: list[str], seconds: float) -> float:
-    load_shard(urls[0])  # warm the page cache and imports
-    tokens, start = 0, time.perf_counter()
-    for url in itertools.cycle(urls):
-        tokens += load_shard(url).tokens.size
-        if (elapsed := time.perf_counter() - start) >= seconds:
+def _raw_decode_rate(
+    shards: list[tuple[str, str]],
+    seconds: float,
+    verify: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """load_shard's tokens/s over (url, sha256) shards, checking the sha256 or not."""
+    load_shard(shards[0][0])  # warm the page cache and imports
+    tokens, start = 0, clock()
+    for url, sha256 in itertools.cycle(shards):
+        tokens += load_shard(url, expected_sha256=sha256 if verify else None).tokens.size
+        if (elapsed := clock() - start) >= seconds:
             return tokens / elapsed
     raise AssertionError("unreachable")
+
+
+def _print_verification_cost(label: str, verified: float, unverified: float) -> None:
+    print(
+        f"{label}: {verified / 1e6:8.2f} M tokens/s with sha256, {unverified / 1e6:8.2f} M without; "
+        f"with/without = {verified / unverified:.3f} (cost {100 * (1 - verified / unverified):.1f}%)"
+    )
+
+
+def _measure_verification_cost(
+    make: Callable[..., IterableDataset], shards: list[tuple[str, str]], seconds: float
+) -> None:
+    """Print the tokens/s of one process with and without the sha256 check, and their ratio.
+
+    In CPU seconds of this process (time.process_time): the hashing runs in it, and on a shared machine
+    the other processes' load, which moves wall-clock rates by +-25% between two runs, does not count.
+    """
+    cpu = time.process_time
+
+    def stream_rate(verify: bool) -> float:
+        return _rate(_loader(make(0, verify), 0), seconds, cpu)
+
+    def raw_rate(verify: bool) -> float:
+        return _raw_decode_rate(shards, seconds, verify, cpu)
+
+    print(f"sha256 check, CPU time of this process (best of {VERIFY_REPEATS}, taken alternately):")
+    _print_verification_cost("  TokenStream, 0 workers", *_best_alternating(stream_rate, VERIFY_REPEATS))
+    _print_verification_cost("  load_shard raw decode ", *_best_alternating(raw_rate, VERIFY_REPEATS))
 
 
 def training_rate(runs_dir: Path) -> tuple[float, Path] | None:
@@ -112,7 +169,7 @@ def run(prepared: Path, runs_dir: Path, seq_len: int, micro_batch_size: int, sec
     print(f"batches: {micro_batch_size} x {seq_len} tokens, ~{seconds:g} s per measurement")
 
     make = _stream_maker(prepared, seq_len, micro_batch_size)
-    rates = {0: _rate(_loader(make(0), 0), seconds)}
+    rates = {0: _rate(_loader(make(0), 0), seconds)}  # the sha256 check included, as training reads
     print(f"TokenStream, 0 workers: {rates[0] / 1e6:8.2f} M tokens/s")
     if _workers_split_the_stream(make):
         for n in (1, 2):
@@ -122,9 +179,10 @@ def run(prepared: Path, runs_dir: Path, seq_len: int, micro_batch_size: int, sec
         print(
             "TokenStream, 1-2 workers: not supported by this version (every worker replays the same stream)"
         )
-    urls = [str(prepared / s["file"]) for s in train["shards"]]
-    raw = _raw_decode_rate(urls, seconds)
+    shards = [(str(prepared / s["file"]), s["sha256"]) for s in train["shards"]]
+    raw = _raw_decode_rate(shards, seconds)
     print(f"load_shard raw decode:  {raw / 1e6:8.2f} M tokens/s")
+    _measure_verification_cost(make, shards, seconds)
 
     loader = rates[0]  # one process, as the trainer uses it
     consumed = training_rate(runs_dir)

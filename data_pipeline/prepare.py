@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
 from data_pipeline.corpus import STDLIB, STDLIB_SKIP_DIRS, iter_documents, parse_sources, split_of
+from data_pipeline.index_file import BadIndexError, check_index
 from data_pipeline.sources import BadInputLog, SourceError
 from data_pipeline.tokenizer import (
     _encode_in_worker,
@@ -360,8 +361,8 @@ def prepare(cfg: DataConfig) -> dict:
     return index
 
 
-def load_index(prepared_dir: str | Path) -> dict:
-    """Read index.json of a prepared directory."""
+def _read_index_json(prepared_dir: str | Path) -> dict:
+    """index.json of a prepared directory as it is, its names not yet checked."""
     path = Path(prepared_dir) / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -370,8 +371,19 @@ def load_index(prepared_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def load_index(prepared_dir: str | Path) -> dict:
+    """Read index.json of a prepared directory; BadIndexError if it names anything but plain file names."""
+    return check_index(_read_index_json(prepared_dir), str(Path(prepared_dir) / INDEX_FILE))
+
+
 def _stale_reason(cfg: DataConfig, out: Path) -> str | None:
-    """Why the prepared directory cannot be reused as it is, or None if it can."""
+    """Why the prepared directory cannot be reused as it is, or None if it can.
+
+    Sizes only, no hashing: a shard whose bytes changed but not its size is caught where it is read, since
+    the stream checks every shard's sha256 as it streams (a corrupt training shard is skipped and counted,
+    a validation shard stops the run). Hashing here would read the whole corpus once more at every start.
+    An index that names anything but plain file names raises BadIndexError: it is not ours to overwrite.
+    """
     try:
         index = load_index(out)
     except FileNotFoundError:
@@ -403,11 +415,12 @@ def ensure_prepared(cfg: DataConfig) -> dict:
 
         return read_index(cfg.prepared_dir)
     out = Path(cfg.prepared_dir)
-    existing = load_index(out) if (out / INDEX_FILE).is_file() else None
+    existing = _read_index_json(out) if (out / INDEX_FILE).is_file() else None
     if existing is not None and existing.get("external"):
-        return existing  # shards indexed by data_pipeline.external: nothing here to prepare
+        # Shards indexed by data_pipeline.external: nothing here to prepare, the names checked as anywhere.
+        return check_index(existing, str(out / INDEX_FILE))
     if cfg.prepare == "always":
-        return prepare(cfg)
+        return prepare(cfg)  # replaces index.json whatever it said; removes only its own shard names
     reason = _stale_reason(cfg, out)
     if cfg.prepare == "never":
         if not (out / INDEX_FILE).is_file():
@@ -470,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = _parse_args(argv)
     try:
         index = ensure_prepared(cfg)
-    except (SourceError, FileNotFoundError) as exc:  # BadInputError included
+    except (SourceError, FileNotFoundError, BadIndexError) as exc:  # BadInputError included
         raise SystemExit(f"error: {exc}") from None
     for split in SPLITS:
         s = index["splits"][split]

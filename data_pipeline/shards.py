@@ -3,7 +3,9 @@
 A location is where a prepared directory lives: a local directory, a URL prefix (`https://host/prepared/`,
 `s3://bucket/prepared`) or a `pipe:` template whose `{shard}` is replaced by a file name
 (`pipe:aws s3 cp s3://bucket/prepared/{shard} -`). `shard_url(location, file)` names one of its files,
-`read_index(location)` reads its index.json, `load_shard(url)` decodes one shard.
+`read_index(location)` reads its index.json, `load_shard(url)` decodes one shard. The location comes from the
+user's config; a file name read from an index is only ever a plain name inside it (see index_file), so data
+files never choose a command, a URL or a path outside the prepared directory.
 
 A shard is a tar (optionally gzip/bzip2/xz compressed) of webdataset samples, grouped by key exactly as
 webdataset groups them: a sample with `tokens.npy` (prepare's format) is used as is; one with a text member
@@ -47,6 +49,7 @@ from tokenizers import Tokenizer
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys
 
+from data_pipeline.index_file import BadIndexError, check_index, is_plain_file_name
 from data_pipeline.prepare import INDEX_FILE, token_dtype
 from data_pipeline.tokenizer import eot_id as tokenizer_eot_id
 
@@ -98,10 +101,14 @@ class LoadedShard:
 
 # --- locations -------------------------------------------------------------------------------------
 def shard_url(base: str | os.PathLike, file: str) -> str:
-    """The URL of `file` in a prepared-dir location: a local dir, a URL prefix or a `{shard}` template."""
+    """The URL of `file` in a prepared-dir location: a local dir, a URL prefix or a `{shard}` template.
+
+    `file` must be a plain file name of that location (index_file.is_plain_file_name): a path, URL or
+    `pipe:` command read from a data file must never decide what is opened or run.
+    """
     base = str(base)
-    if os.path.isabs(file) or "://" in file or file.startswith(("pipe:", "file:")):
-        return file  # an externally indexed shard, listed by its own location
+    if not is_plain_file_name(file):
+        raise BadIndexError(f"{file!r} is not a plain file name inside the prepared directory {base!r}")
     if SHARD_PLACEHOLDER in base:
         return base.replace(SHARD_PLACEHOLDER, file)  # not str.format: shell commands hold braces too
     if base.startswith("pipe:"):
@@ -154,7 +161,10 @@ def _open_fsspec(url: str, scheme: str) -> BinaryIO:
 
 
 def read_index(base: str | os.PathLike) -> dict:
-    """index.json of a prepared-dir location (local dir, URL prefix or `pipe:` template)."""
+    """index.json of a prepared-dir location (local dir, URL prefix or `pipe:` template), its names checked.
+
+    Raises BadIndexError naming the entry if a name in it is not a plain file name (index_file.check_index).
+    """
     url = shard_url(base, INDEX_FILE)
     stream = open_shard(url)
     try:
@@ -162,9 +172,10 @@ def read_index(base: str | os.PathLike) -> dict:
     finally:
         stream.close()  # a pipe: reports its command's exit status here
     try:
-        return json.loads(data)
+        index = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{url} is not a valid index.json: {e}") from e
+    return check_index(index, url)
 
 
 # --- byte layers under the tar reader ---------------------------------------------------------------
@@ -329,11 +340,28 @@ def load_shard(
     """Decode one shard; raise CorruptShardError on bad bytes, OSError/ImportError if they cannot be read.
 
     Text samples need `tokenizer` (eot_id defaults to its `<|endoftext|>`). With expected_sha256 the raw
-    (still compressed) bytes are hashed as they stream and compared.
+    (still compressed) bytes are hashed as they stream, in the same single pass, and compared.
     """
     url = str(url)
+    docs, sha256 = _read_shard_docs(url, hashed=expected_sha256 is not None)
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise CorruptShardError(url, f"sha256 {sha256} != expected {expected_sha256}")
+    return _assemble(docs, url, tokenizer, eot_id)
+
+
+def load_shard_and_sha256(
+    url: str | os.PathLike, tokenizer: Tokenizer | None = None, eot_id: int | None = None
+) -> tuple[LoadedShard, str]:
+    """load_shard, and the sha256 of the shard's raw bytes computed in the same pass (to index it)."""
+    url = str(url)
+    docs, sha256 = _read_shard_docs(url, hashed=True)
+    return _assemble(docs, url, tokenizer, eot_id), sha256
+
+
+def _read_shard_docs(url: str, hashed: bool) -> tuple[list[np.ndarray | str], str | None]:
+    """The shard's documents (token arrays or texts) and, if hashed, the sha256 of every byte read."""
     stream = open_shard(url)
-    source = _Source(stream, sha256=expected_sha256 is not None)
+    source = _Source(stream, sha256=hashed)
     raw = io.BufferedReader(source, _READ_BUFFER)
     corrupt: CorruptShardError | None = None
     try:
@@ -351,11 +379,16 @@ def load_shard(
             raise OSError(f"reading {url}: {e}") from e
     if corrupt is not None:
         raise corrupt
-    if expected_sha256 is not None and source.hash.hexdigest() != expected_sha256:
-        raise CorruptShardError(url, f"sha256 {source.hash.hexdigest()} != expected {expected_sha256}")
+    return docs, source.hash.hexdigest() if hashed else None
+
+
+def _assemble(
+    docs: list[np.ndarray | str], url: str, tokenizer: Tokenizer | None, eot: int | None
+) -> LoadedShard:
+    """The LoadedShard of a shard's documents, its texts tokenized."""
     if not docs:
         raise CorruptShardError(url, "the archive holds no samples")
-    _tokenize(docs, url, tokenizer, eot_id)
+    _tokenize(docs, url, tokenizer, eot)
     starts = np.cumsum([0] + [d.size for d in docs[:-1]], dtype=np.int64)
     return LoadedShard(tokens=np.concatenate(docs), starts=starts, n_docs=len(docs))
 

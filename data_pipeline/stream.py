@@ -50,6 +50,12 @@ after the first is a target exactly once and a batch starts on the token the pre
 ended on. Its resume state is the position of the next batch's first token: (epoch, shard position in the
 epoch's order, sample index in that shard, token offset in that sample); the tokens left over after a batch
 are re-read from the shard on resume. It needs at least dp_world_size shards.
+
+Every shard is checked against the sha256 that index.json records for it, hashed as its bytes stream through
+the decoder (no second read): a mismatch is a corrupt shard like any other, skipped, counted and named in
+training, an error naming it in evaluation. (`verify_sha256=False` is there to measure what the check costs:
+`python -m data_pipeline.bench`.) index.json's shard names are plain file names of prepared_dir (read_index
+refuses anything else), so where shards come from is decided by prepared_dir alone.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class TokenStream(IterableDataset):
         shuffle_block_shards: int = 4,
         split_mode: str = "global",
         num_workers: int = 0,
+        verify_sha256: bool = True,
     ) -> None:
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len}, {micro_batch_size}")
@@ -137,15 +144,8 @@ class TokenStream(IterableDataset):
         if num_workers < 0 or (num_workers > 0 and not shuffle):
             raise ValueError(f"num_workers must be >= 0 and is for shuffle=True streams, got {num_workers}")
         # A local directory, a URL prefix (http, s3, ...) or a `pipe:` command template with {shard}.
-        self.dir = prepared_dir
-        index = read_index(prepared_dir)
-        # Shards indexed by data_pipeline.external hold text: tokenize it as it is read.
-        self._load_kwargs = {"tokenizer": _read_tokenizer(prepared_dir)} if index.get("text_shards") else {}
-        if split not in index["splits"]:
-            raise ValueError(f"split {split!r} not in {str(self.dir)!r} (has {sorted(index['splits'])})")
-        shards = index["splits"][split]["shards"]
-        self.shard_files = [s["file"] for s in shards]
-        self._shard_tokens = {s["file"]: int(s["n_tokens"]) for s in shards}
+        self.dir, self.verify_sha256 = prepared_dir, verify_sha256
+        index = self._read_split(split)
         if not shuffle and len(self.shard_files) < dp_world_size:
             raise ValueError(
                 f"the {split} split of {str(self.dir)!r} has {len(self.shard_files)} shards, fewer than "
@@ -189,6 +189,24 @@ class TokenStream(IterableDataset):
         self._set_role(0)
 
     # --- shard order and loading -------------------------------------------------------------------
+    def _read_split(self, split: str) -> dict:
+        """Read index.json (its names checked) and take the split's shards, token counts and sha256s."""
+        index = read_index(self.dir)
+        # Shards indexed by data_pipeline.external hold text: tokenize it as it is read.
+        self._load_kwargs = {"tokenizer": _read_tokenizer(self.dir)} if index.get("text_shards") else {}
+        if split not in index["splits"]:
+            raise ValueError(f"split {split!r} not in {str(self.dir)!r} (has {sorted(index['splits'])})")
+        shards = index["splits"][split]["shards"]
+        self.shard_files = [s["file"] for s in shards]
+        self._shard_tokens = {s["file"]: int(s["n_tokens"]) for s in shards}
+        self._shard_sha256 = {s["file"]: s["sha256"] for s in shards}
+        return index
+
+    def _load_args(self, name: str) -> tuple[str, dict]:
+        """load_shard's arguments for shard `name`: its URL, the tokenizer of text shards, its sha256."""
+        sha256 = self._shard_sha256[name] if self.verify_sha256 else None
+        return shard_url(self.dir, name), {**self._load_kwargs, "expected_sha256": sha256}
+
     @property
     def _reader(self) -> int:
         return self.dp_rank * self._readers + self._role
@@ -218,7 +236,8 @@ class TokenStream(IterableDataset):
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        shard = load_shard(shard_url(self.dir, name), **self._load_kwargs)
+        url, kwargs = self._load_args(name)
+        shard = load_shard(url, **kwargs)
         self._cache[name] = shard
         if len(self._cache) > _CACHED_SHARDS:
             self._cache.popitem(last=False)
@@ -251,7 +270,7 @@ class TokenStream(IterableDataset):
             return self._blocks[key]
         layout = self._layout_of(epoch)
         names = layout.blocks[block]
-        loaded_shards = [self.skips.load(shard_url(self.dir, name), **self._load_kwargs) for name in names]
+        loaded_shards = [self.skips.load(url, **kwargs) for url, kwargs in map(self._load_args, names)]
         pieces = [shard.tokens for shard in loaded_shards if shard is not None]
         if not pieces:
             raise ValueError(f"every shard of the block {names} is corrupt")

@@ -1,18 +1,24 @@
 """Shards written by other tools (webdataset's ShardWriter, plain tar of .txt files) train through our stream.
 
 What the stream reads is compared token for token with each text's token ids followed by the end-of-document
-token, in the order the texts were written.
+token, in the order the texts were written. The index lists them by plain names of its own directory (links)
+with their sha256, which the stream checks as it reads them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import subprocess
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 
 from data_pipeline.external import index_external_shards, main
+from data_pipeline.shards import read_index
 from data_pipeline.stream import TokenStream, eval_batches
 from data_pipeline.tokenizer import EOT_TOKEN, eot_id, load_tokenizer
 
@@ -77,6 +83,7 @@ def test_foreign_shards_are_indexed_and_streamed(tiny_prepared, tmp_path):
     listed = index["splits"]["train"]["shards"]
     expected = [(len(texts), tokens.size) for texts, tokens in zip(shard_texts, shard_tokens, strict=True)]
     assert [(s["n_docs"], s["n_tokens"]) for s in listed] == expected
+    _assert_linked_by_plain_name(Path(indexed), index, sorted(tmp_path.glob("sw-*.tar")))
     train_tokens = np.concatenate(shard_tokens)
     assert index["splits"]["train"]["n_tokens"] == train_tokens.size
 
@@ -94,6 +101,42 @@ def test_foreign_shards_are_indexed_and_streamed(tiny_prepared, tmp_path):
     np.testing.assert_array_equal(_sorted_rows(rows), _sorted_rows(windows))
     # The validation tar, in the order `tar` stored the files.
     _assert_batches_read(eval_batches(indexed, T, B, 3), _tokens_of(tok, val_texts))
+
+
+def _assert_linked_by_plain_name(out: Path, index: dict, train_files: list[Path]) -> None:
+    """Each shard is listed by a plain name of out, a link to the shard, with the sha256 of the shard's bytes."""
+    listed = index["splits"]["train"]["shards"]
+    assert [s["file"] for s in listed] == [f"train-{i:05d}-{f.name}" for i, f in enumerate(train_files)]
+    for shard, source in zip(listed, train_files, strict=True):
+        assert (out / shard["file"]).resolve() == source.resolve()
+        assert shard["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert read_index(out) == index  # what every reader checks: plain names, a sha256 per shard
+
+
+def test_a_changed_external_shard_is_skipped_by_its_sha256(tiny_prepared, tmp_path, caplog):
+    # Letters changed in a text shard leave valid UTF-8 and a valid tar: only the sha256 tells.
+    cfg, _ = tiny_prepared
+    pattern = _shardwriter_shards(tmp_path, TEXTS[:32])
+    indexed = tmp_path / "indexed"
+    index_external_shards([pattern], [_tar_of_text_files(tmp_path, TEXTS[32:])],
+                          f"{cfg.prepared_dir}/tokenizer.json", str(indexed))  # fmt: skip
+    victim = tmp_path / "sw-0001.tar"
+    data = victim.read_bytes()
+    at = data.index(b"function_")
+    victim.write_bytes(data[:at] + b"FUNCTION_" + data[at + len(b"function_") :])
+    stream = TokenStream(str(indexed), "train", 8, 2, seed=3, loop=False, shuffle_block_shards=4)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.shards"):
+        list(stream)
+    assert [err.url for err in stream.skips.skipped] == [f"{indexed}/train-00001-sw-0001.tar"]
+    assert "sha256" in stream.skips.skipped[0].reason and "train-00001-sw-0001.tar" in caplog.text
+
+
+def test_remote_shards_are_not_indexed_by_location(tiny_prepared, tmp_path):
+    # An index names files of its own directory only: a pipe: or URL shard cannot be listed by its location.
+    cfg, _ = tiny_prepared
+    for remote in (f"pipe:cat {tmp_path}/x.tar", "https://example.com/x.tar"):
+        with pytest.raises(ValueError, match="indexes local shards"):
+            index_external_shards([remote], [remote], f"{cfg.prepared_dir}/tokenizer.json", str(tmp_path))
 
 
 def test_cli_prints_counts(tiny_prepared, tmp_path, capsys):

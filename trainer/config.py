@@ -206,6 +206,9 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 200
     keep_last_checkpoints: int = 2
+    # A step whose gradient norm or loss is not finite is skipped (weights and Adam moments untouched, logged
+    # as train/skipped_steps); this many skipped in a row stop the run: training has diverged.
+    max_skipped_steps: int = 10
     # auto: continue from the latest checkpoint in run_dir if there is one; never: start fresh
     # (refused if run_dir already holds checkpoints); or a path to one checkpoint directory.
     resume: str = "auto"
@@ -228,7 +231,8 @@ class TrainConfig:
     requeue_on_preemption: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval",
+                    "max_skipped_steps"):
             _require(getattr(self, key) > 0, f"train.{key}", "must be positive", getattr(self, key))
         for key in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)", getattr(self, key))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,13 @@ def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
                sequence_parallel=config.parallel.sequence_parallel)
 
 
+def optimizer_checks_overflow(engine) -> bool:
+    """True when DeepSpeed wraps the optimizer in one of its own (ZeRO, fp16, bf16), which skips a step
+    whose gradient norm is not finite by itself; otherwise it steps our plain AdamW and clips with
+    `clip_fp32_gradients` (the condition of `DeepSpeedEngine._take_model_step`)."""
+    return bool(engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
 def sequence_parallel_supported(device: torch.device) -> bool:
     """megatron-core's sequence-parallel layers put their buffers on `torch.cuda.current_device()`."""
     return device.type == "cuda"
@@ -136,6 +144,8 @@ class StepResult:
     lr: float
     # Seconds per phase of this step (data, forward, backward, optimizer; or pipeline).
     phases: dict[str, float] = field(default_factory=dict)
+    # The update was not applied (non-finite gradients): weights and Adam moments are as they were.
+    skipped: bool = False
 
 
 class Engine:
@@ -157,25 +167,67 @@ class Engine:
             config=ds_config, mpu=None if self.pipeline else MegatronMPU(),
         )
         self._last_grad_norm: float | None = None
-        self._record_fp32_grad_norm()
+        self._skipped = False
+        self._guard_updates()
         self.timer = PhaseTimer(topo.device)
 
-    def _record_fp32_grad_norm(self) -> None:
-        # In fp32 without ZeRO, DeepSpeed's clipping counts the pipeline's tied embedding twice (once
-        # per stage holding it) and drops the norm it computed. Clip with the norm of the whole model
-        # instead, and keep it for the logs (ZeRO and the mixed-precision optimizers report theirs).
+    # Skipping non-finite steps. Everything here that depends on DeepSpeed's insides (0.19.8), each with a
+    # test in tests/test_nonfinite.py that fails loudly if DeepSpeed changes it:
+    # - `DeepSpeedEngine._take_model_step(lr_kwargs)` applies every update; the pipeline engine's
+    #   OptimizerStep instruction calls it too. We wrap it on the instance.
+    # - After `optimizer.step()` it reads `optimizer.overflow`: when true it adds one to `skipped_steps`
+    #   and leaves the LR scheduler alone (its fp16 loss scaler's path), and zeroes the gradients either way.
+    # - The ZeRO 1/2/3 optimizers reduce the gradient norm over dp and the model-parallel group inside
+    #   `step()`; when it is not finite they discard the gradients, set `overflow` and update nothing.
+    # - `clip_fp32_gradients()` is called for the plain optimizer only (no ZeRO, fp16 or bf16 optimizer).
+    # A non-finite loss makes the gradients it flows into non-finite, so the norm catches it too (with
+    # pp > 1 the loss lives on the last stage, and the norm is reduced over the pipeline): every rank
+    # decides alike, from the same global norm.
+
+    def _guard_updates(self) -> None:
+        """Skip the update of a step whose global gradient norm is not finite, the same way on every rank."""
         engine = self.ds
+        take_model_step = engine._take_model_step
+        plain = not optimizer_checks_overflow(engine)
 
-        def clip_and_record() -> None:
-            norm = global_grad_norm(engine.module)
-            coefficient = engine.gradient_clipping() / (norm + 1e-6)
-            if coefficient < 1.0:
-                for param in engine.module.parameters():
-                    if param.grad is not None:
-                        param.grad.detach().mul_(coefficient)
-            self._last_grad_norm = norm
+        def guarded_take_model_step(lr_kwargs=None) -> None:
+            if plain:
+                self._drop_non_finite_gradients()
+            skipped_before = engine.skipped_steps
+            take_model_step(lr_kwargs)
+            self._skipped = engine.skipped_steps > skipped_before
+            if self._skipped:
+                # The LR is a function of the step, skipped or not, so a resumed run meets the same rates.
+                self.scheduler.step()
 
-        engine.clip_fp32_gradients = clip_and_record
+        engine._take_model_step = guarded_take_model_step
+        engine.clip_fp32_gradients = self._clip_fp32_gradients
+
+    def _drop_non_finite_gradients(self) -> None:
+        """Plain optimizer: the whole model's gradient norm; if it is not finite, no gradient survives.
+
+        torch's AdamW leaves a parameter without a gradient, and its moments and step count, untouched,
+        so the step that follows updates nothing; `overflow` makes DeepSpeed count it as skipped."""
+        norm = global_grad_norm(self.ds.module)
+        self._last_grad_norm = norm
+        overflow = not math.isfinite(norm)
+        if overflow:
+            for param in self.ds.module.parameters():
+                param.grad = None
+        self.ds.optimizer.overflow = overflow
+
+    def _clip_fp32_gradients(self) -> None:
+        # In fp32 without ZeRO, DeepSpeed's clipping counts the pipeline's tied embedding twice (once per
+        # stage holding it) and drops the norm it computed. Clip with the norm of the whole model that
+        # `_drop_non_finite_gradients` measured (ZeRO and the mixed-precision optimizers report theirs).
+        norm = self._last_grad_norm
+        if norm is None or not math.isfinite(norm):
+            return  # a skipped step: its gradients are gone
+        coefficient = self.ds.gradient_clipping() / (norm + 1e-6)
+        if coefficient < 1.0:
+            for param in self.ds.module.parameters():
+                if param.grad is not None:
+                    param.grad.detach().mul_(coefficient)
 
     @property
     def module(self) -> nn.Module:
@@ -184,6 +236,7 @@ class Engine:
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
         """One optimizer step over `grad_accum_steps` micro-batches; the loss is averaged over dp."""
         self._last_grad_norm = None
+        self._skipped = False
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses; stepping moves it on
         if self.pipeline:
             # The pipeline engine pulls its micro-batches itself and returns their mean loss; its data
@@ -199,6 +252,7 @@ class Engine:
             grad_norm=float("nan") if norm is None else norm,
             lr=lr,
             phases=self.timer.pop() | self._communication_seconds(),
+            skipped=self._skipped,
         )
 
     def _communication_seconds(self) -> dict[str, float]:

@@ -14,7 +14,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data_pipeline.stream import skipped_shards
 from trainer.config import Config
 from trainer.cost.reconcile import Reconciler
-from trainer.engine import Batch, Engine
+from trainer.engine import Batch, Engine, StepResult
 from trainer.metrics import MetricsSink
 from trainer.parallel.topology import Topology
 from trainer.preemption import PreemptionWatch
@@ -40,6 +40,48 @@ class LoopResult:
     tokens_trained: int = 0
     # The signal that stopped the run early (see trainer/preemption.py), if one did.
     preempted_by: str | None = None
+
+
+class TrainingDiverged(RuntimeError):
+    """Training cannot go on: too many steps in a row had a non-finite gradient norm or loss."""
+
+
+class _SkipCounter:
+    """Steps skipped for non-finite values: each one logged, counted per report, too many in a row fatal."""
+
+    def __init__(self, limit: int, announce: bool):
+        self.limit = limit
+        self.announce = announce  # rank 0 speaks for the job (every rank skips alike)
+        self.in_a_row = 0
+        self.since_report = 0
+
+    def record(self, step: int, stats: StepResult) -> None:
+        """Count `step` if it was skipped, with a WARNING naming it."""
+        if not stats.skipped:
+            if not math.isfinite(stats.loss):  # DeepSpeed applied an update it should have skipped
+                raise TrainingDiverged(f"step {step}: the loss is {stats.loss} but the update was applied "
+                                       f"(gradient norm {stats.grad_norm}); is DeepSpeed's overflow check off?")
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.since_report += 1
+        if self.announce:
+            log.warning("step %d skipped: loss %s, gradient norm %s; weights and Adam moments unchanged "
+                        "(%d in a row, train.max_skipped_steps=%d)", step, stats.loss, stats.grad_norm,
+                        self.in_a_row, self.limit)
+
+    def stop_if_diverged(self, step: int) -> None:
+        """Raise TrainingDiverged once `limit` steps in a row, up to `step`, were skipped."""
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"training diverged: {self.in_a_row} steps in a row, up to step {step}, had a non-finite gradient "
+                f"norm or loss (train.max_skipped_steps={self.limit}); lower optim.lr or resume from an earlier "
+                "checkpoint")
+
+    def pop(self) -> int:
+        """Steps skipped since the last call."""
+        count, self.since_report = self.since_report, 0
+        return count
 
 
 class _Throughput:
@@ -74,7 +116,8 @@ def _data_health(train_batches: Iterable[Batch]) -> dict[str, int]:
 
 
 def _report_interval(progress: Progress, stats, meter: _Throughput, reconciler: Reconciler | None, bar,
-                     sink: MetricsSink, flops_per_token: float, train_batches: Iterable[Batch]) -> None:
+                     sink: MetricsSink, flops_per_token: float, train_batches: Iterable[Batch],
+                     skipped_steps: int) -> None:
     """Log one interval's metrics (and the plan reconciliation) and refresh the progress bar."""
     tokens_per_s, step_s = meter.report()
     reconciliation = {} if reconciler is None else reconciler.update(
@@ -85,6 +128,7 @@ def _report_interval(progress: Progress, stats, meter: _Throughput, reconciler: 
     bar.set_postfix(postfix, refresh=False)
     sink.log(progress.step, {
         "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
+        "train/skipped_steps": skipped_steps,
         "perf/tokens_per_s": tokens_per_s, "perf/step_s": step_s,
         "perf/model_flops_per_s": tokens_per_s * flops_per_token,
         "progress/tokens_seen": progress.tokens_seen,
@@ -114,6 +158,7 @@ def train_loop(
         last_step = min(last_step, progress.step + train.exit_after_steps)
     result = LoopResult()
     meter = _Throughput()
+    skips = _SkipCounter(train.max_skipped_steps, topo.is_main)
     batches = iter(train_batches)
     bar = tqdm(
         total=train.max_steps, initial=progress.step, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -129,13 +174,14 @@ def train_loop(
             result.tokens_trained += config.tokens_per_step
             meter.add(config.tokens_per_step, stats.phases)
             result.train_losses[progress.step] = stats.loss
-            if not math.isfinite(stats.loss):
-                raise FloatingPointError(f"loss is {stats.loss} at step {progress.step}; lower optim.lr?")
+            skips.record(progress.step, stats)
             bar.update(1)
             is_last = progress.step == last_step
             if progress.step % train.log_interval == 0 or is_last:
-                _report_interval(progress, stats, meter, reconciler, bar, sink, flops_per_token, train_batches)
+                _report_interval(progress, stats, meter, reconciler, bar, sink, flops_per_token, train_batches,
+                                 skips.pop())
                 meter.restart()
+            skips.stop_if_diverged(progress.step)  # after the report, so the record shows the skips
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0
             if evaluate_now or progress.step == train.max_steps:
                 result.val_losses[progress.step] = engine.evaluate(val_batches)

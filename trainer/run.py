@@ -252,7 +252,8 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
     flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
     num_parameters = global_parameter_count(engine.module, topo)
-    sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main)
+    sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main,
+                       resumed_at=progress.step)
     log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:

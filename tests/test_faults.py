@@ -161,6 +161,21 @@ def test_a_corrupt_validation_shard_ends_in_one_line_naming_it(small_corpus, tmp
     assert f"corrupt shard {shard}" in _one_line_exit(config, caplog)
 
 
+def test_an_index_naming_a_command_ends_in_one_line_and_runs_nothing(small_corpus, tmp_path, caplog):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(small_corpus, prepared)
+    index_file = prepared / "index.json"
+    index = json.loads(index_file.read_text())
+    pwned = tmp_path / "pwned"
+    index["splits"]["train"]["shards"][0]["file"] = f"pipe:touch {pwned}; cat x"
+    index_file.write_text(json.dumps(index))
+    config = compose_config([*SMALL_RUN, *small_corpus_args(prepared), "data.prepare=never",
+                             f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2"])
+    line = _one_line_exit(config, caplog)
+    assert str(index_file) in line and "not a plain file name" in line, line
+    assert not pwned.exists()
+
+
 def test_a_model_too_large_for_the_machine_is_refused_before_it_is_allocated(small_run, monkeypatch, caplog):
     monkeypatch.setattr("trainer.run.build_model", lambda *args: pytest.fail("the model was built"))
     line = _one_line_exit(small_run("model.n_embd=65536"), caplog)

@@ -80,11 +80,13 @@ def check_data_source(data: DataConfig) -> None:
 
 def one_line_errors() -> tuple[type[Exception], ...]:
     """What a run reports in one line with exit status 2: bad input (config, data, checkpoint) and refusals."""
+    from data_pipeline.index_file import BadIndexError
     from data_pipeline.shards import CorruptShardError
     from trainer.checkpoint import CheckpointError
     from trainer.loop import TrainingDiverged
 
-    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, SourceError, CorruptShardError)
+    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, SourceError, CorruptShardError,
+            BadIndexError)
 
 
 def run_or_exit(config: Config, preemption: PreemptionWatch | None = None) -> None:

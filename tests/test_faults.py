@@ -96,7 +96,7 @@ def _assert_resumed_on_the_same_bits(resumed, straight, resumed_from: int) -> No
             assert torch.equal(mine.read(key), theirs.read(key)), key
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_a_sigkill_at_a_random_step_resumes_on_the_same_bits(seed, straight, small_corpus, tmp_path):
     rng = random.Random(seed)
     kill_after, delay = rng.randint(1, MAX_STEPS // 2), rng.uniform(0.0, 0.03)  # in a step or in a save

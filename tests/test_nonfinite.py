@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from launch.rendezvous import free_port
 from tests.conftest import SMALL_RUN, logged, small_corpus_args
-from tests.workers.nonfinite import nan_gradient_at
+from tests.workers.instruments import nan_gradient_at
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointReader,
@@ -134,7 +134,7 @@ def test_a_huge_learning_rate_never_leaves_a_non_finite_checkpoint(small_run, on
 @pytest.mark.distributed
 def test_pipeline_ranks_skip_together_when_one_stage_sees_nan(small_corpus, tmp_path):
     """pp=2: the NaN is in a gradient of stage 0 only; stage 1 must skip the same step."""
-    worker = REPO / "tests" / "workers" / "nonfinite.py"
+    worker = REPO / "tests" / "workers" / "pretrain.py"
     args = [*SMALL_RUN, *small_corpus_args(small_corpus), "parallel.pp=2", "train.grad_accum_steps=2",
             "train.max_steps=4", "train.run_name=pipe", *EVERY_STEP]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}

@@ -8,6 +8,9 @@ what the run computes:
   the single-process GPT; tp shards stay split and are joined by `full_gradients`.
 - `activation_shapes` records the shape of every tensor entering a transformer block or a LayerNorm, the
   activations that sequence parallelism splits over tp.
+- `nan_gradient_at` puts a NaN into one element of the first parameter's gradient on the first pipeline
+  stage at chosen steps, as autograd hands it over and before DeepSpeed reduces or partitions it, so the
+  other ranks can learn of it only from the global gradient norm.
 """
 
 from __future__ import annotations
@@ -109,3 +112,32 @@ def activation_shapes(out_file: Path) -> Iterator[None]:
         for cls, forward in originals.items():
             cls.forward = forward
         Path(out_file).write_text(json.dumps(sorted([name, list(shape)] for name, shape in seen)))
+
+
+def _poisoned(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    grad.view(-1)[0] = float("nan")
+    return grad
+
+
+@contextlib.contextmanager
+def nan_gradient_at(steps: set[int]) -> Iterator[None]:
+    """Every Engine built inside poisons one gradient during the steps in `steps` (counted from 1 per process)."""
+    original_init, original_step = trainer.engine.Engine.__init__, trainer.engine.Engine.train_step
+
+    def init(engine, *args, **kwargs):
+        original_init(engine, *args, **kwargs)
+        engine.steps_begun = 0
+        if engine.topo.pp_rank == 0:
+            first = next(engine.module.parameters())
+            first.register_hook(lambda grad: _poisoned(grad) if engine.steps_begun in steps else grad)
+
+    def train_step(engine, batches):
+        engine.steps_begun += 1
+        return original_step(engine, batches)
+
+    trainer.engine.Engine.__init__, trainer.engine.Engine.train_step = init, train_step
+    try:
+        yield
+    finally:
+        trainer.engine.Engine.__init__, trainer.engine.Engine.train_step = original_init, original_step

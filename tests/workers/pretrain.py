@@ -3,6 +3,7 @@
 Flags before the Hydra overrides:
 - `--grads-out=DIR`: every rank saves its first optimizer step's gradients to DIR/grads-rank{rank}.pt;
 - `--shapes-out=DIR`: every rank writes the shapes entering its blocks and LayerNorms to DIR/shapes-rank{rank}.json;
+- `--nan-at=3,4`: a NaN in one gradient at those steps (see `nan_gradient_at`);
 - `--sequence-parallel-on-cpu`: lets megatron-core's sequence-parallel layers run on the CPU. They allocate
   their all-gather and reduce-scatter buffers on `torch.cuda.current_device()`, which is why the trainer
   refuses sequence parallelism off CUDA; gloo runs the same collectives on CPU tensors as NCCL does on GPU
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by torchrun
 
-from tests.workers.instruments import activation_shapes, first_step_gradients  # noqa: E402
+from tests.workers.instruments import activation_shapes, first_step_gradients, nan_gradient_at  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> None:
                 instruments.enter_context(first_step_gradients(Path(value)))
             elif name == "--shapes-out":
                 instruments.enter_context(activation_shapes(Path(value) / f"shapes-rank{rank}.json"))
+            elif name == "--nan-at":
+                instruments.enter_context(nan_gradient_at({int(step) for step in value.split(",")}))
             elif name == "--sequence-parallel-on-cpu":
                 _sequence_parallel_on_cpu()
             else:

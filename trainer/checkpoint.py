@@ -67,14 +67,7 @@ def step_dir_name(step: int) -> str:
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under `root`, oldest first (temporary directories are ignored)."""
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in root.iterdir():
-        match = STEP_DIR.match(entry.name)
-        if match and (entry / STATE_FILE).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+    return [(step, path) for step, path in reversed(_step_dirs(root)) if (path / STATE_FILE).is_file()]
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:

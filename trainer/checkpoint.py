@@ -6,12 +6,17 @@ Layout of one checkpoint, `<run_dir>/checkpoints/step_00000200/`:
     shard-tp00-pp00.json          the dimension each parameter is split along over tp; the Adam step
     rng-rank00000.pt              the random generators of one rank
     data.json                     the data stream position (the same on every rank)
+    tokenizer.json                the tokenizer the model was trained with, so the checkpoint decodes by itself
     manifest.json                 every other file's size and crc32, per tensor for the safetensors files
     trainer_state.json            step, tokens seen, the layout and the config that produced it
 Weights and moments are gathered over ZeRO partitions and named as the single-process GPT names them,
 so a checkpoint saved at one (tp, pp, dp, ZeRO) layout loads at any other. Everything is written into
 `step_00000200.tmp/` and renamed when complete, so a crash mid-save leaves the previous checkpoints
 untouched and no half-written one under a final name; a save that fails (a full disk) removes its `.tmp`.
+
+A weights-only checkpoint (`weights_only: true` in its state: an imported model, `python -m trainer.convert
+from-hf`) holds the model and shard files, the tokenizer and the manifest: `train.init_from` starts a run from
+it, `train.resume` refuses it.
 
 `train.resume=auto` takes the newest checkpoint that is intact (every file present, of its saved size,
 every tensor and file matching its checksum) and says with a WARNING which newer ones it passed over and
@@ -59,6 +64,8 @@ class TrainerState:
     config: dict
     # The tokenizer's vocabulary (the embedding has padding rows beyond it).
     vocab_size: int = 0
+    # Weights only (an imported model): no optimizer, random-generator or data files.
+    weights_only: bool = False
 
 
 def step_dir_name(step: int) -> str:
@@ -146,7 +153,7 @@ def checkpoint_problem(path: Path) -> str | None:
         state = load_trainer_state(path)
     except CheckpointError as err:
         return str(err)
-    missing = [name for name in _expected_files(state.layout) if not (path / name).is_file()]
+    missing = [name for name in _expected_files(state) if not (path / name).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
         return f"{path / missing[0]}: missing{more}"
@@ -163,10 +170,13 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{path / MANIFEST_FILE}: unreadable manifest ({type(err).__name__}: {err})"
 
 
-def _expected_files(layout: dict) -> list[str]:
-    """The files a checkpoint saved at `layout` holds besides its state and manifest."""
-    tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
-    shards = [name for p in range(pp) for t in range(tp) for name in _shard_files(t, p).values()]
+def _expected_files(state: TrainerState) -> list[str]:
+    """The files a checkpoint holds besides its state, manifest and tokenizer."""
+    tp, pp, dp = (state.layout[axis] for axis in ("tp", "pp", "dp"))
+    kinds = ("model", "meta") if state.weights_only else ("model", "optim", "meta")
+    shards = [_shard_files(t, p)[kind] for p in range(pp) for t in range(tp) for kind in kinds]
+    if state.weights_only:
+        return shards
     return [DATA_FILE, *shards, *(_rng_file(rank) for rank in range(tp * pp * dp))]
 
 
@@ -180,6 +190,7 @@ def _rng_file(rank: int) -> str:
 
 
 DATA_FILE = "data.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -242,9 +253,12 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    root: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology, keep_last: int
+    root: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology, keep_last: int,
+    tokenizer_json: str | None = None,
 ) -> Path:
     """Write one checkpoint from every rank, then publish it with a rename and prune old ones.
+
+    `tokenizer_json` (the tokenizer.json text the model was trained with) is stored with it.
 
     A write that fails (a full disk) removes the `.tmp` directory and raises CheckpointError naming the file;
     the checkpoints published before are left as they were.
@@ -253,7 +267,7 @@ def save_checkpoint(
     staging = root / (final.name + ".tmp")
     _require_finite(shard, final, topo)  # before anything is written
     try:
-        _write_staging(staging, state, shard, data_state, topo)
+        _write_staging(staging, state, shard, data_state, topo, tokenizer_json)
     except Exception as err:
         if topo.is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -268,7 +282,8 @@ def save_checkpoint(
     return final
 
 
-def _write_staging(staging: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology) -> None:
+def _write_staging(staging: Path, state: TrainerState, shard: ShardState, data_state: dict, topo: Topology,
+                   tokenizer_json: str | None) -> None:
     """Every rank writes its files and their manifest entries into `staging`; rank 0 then the manifest and,
     last, the state file."""
     if topo.is_main:
@@ -286,6 +301,8 @@ def _write_staging(staging: Path, state: TrainerState, shard: ShardState, data_s
     written[rng_file.name] = _save_file(rng_file, lambda file: torch.save(_rng_state(), file))
     if topo.is_main:
         written[DATA_FILE] = _save_json(staging / DATA_FILE, data_state)
+        if tokenizer_json is not None:
+            written[TOKENIZER_FILE] = _save_text(staging / TOKENIZER_FILE, tokenizer_json)
     # Merged into manifest.json and removed in a moment: not worth an fsync.
     _save_file(staging / _manifest_part(topo.rank), lambda file: file.write_text(json.dumps(written)))
     _barrier()
@@ -322,6 +339,46 @@ def _save_json(file: Path, payload: Any) -> dict:
     return _save_file(file, lambda f: _write_json_atomic(f, payload))
 
 
+def _save_text(file: Path, text: str) -> dict:
+    def write(f: Path) -> None:
+        with open(f, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return _save_file(file, write)
+
+
+def write_weights_checkpoint(path: Path, state: TrainerState, weights: dict[str, torch.Tensor],
+                             partition_dims: dict[str, int | None], tokenizer_json: str | None) -> Path:
+    """Write a weights-only checkpoint of the single-process model at `path`, atomically (one process, tp=pp=1).
+
+    Refuses to replace an existing directory. The files are those a tp=1, pp=1 run saves, less the optimizer,
+    random-generator and data files; `state.weights_only` must be set.
+    """
+    if not state.weights_only or state.layout != {"tp": 1, "pp": 1, "dp": 1}:
+        raise ValueError("a weights-only checkpoint has weights_only=True and the layout tp=pp=dp=1")
+    if path.exists():
+        raise CheckpointError(f"{path}: already exists; choose another output directory")
+    staging = path.with_name(path.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        files = _shard_files(0, 0)
+        written = {files["model"]: _save_tensors(weights, staging / files["model"]),
+                   files["meta"]: _save_json(staging / files["meta"], {"partition_dims": partition_dims,
+                                                                       "adam_step": 0})}
+        if tokenizer_json is not None:
+            written[TOKENIZER_FILE] = _save_text(staging / TOKENIZER_FILE, tokenizer_json)
+        _save_json(staging / MANIFEST_FILE, {"files": written})
+        _save_json(staging / STATE_FILE, state.__dict__)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> dict:
     """Write a safetensors file; its manifest entry holds each tensor's crc32 (computed in memory, not re-read)."""
     _save_file(file, lambda f: save_file(tensors, str(f)))
@@ -351,8 +408,10 @@ def _prune(root: Path, keep_last: int, newest: int) -> None:
         shutil.rmtree(path)
 
 
-# The type of each field of trainer_state.json (vocab_size is absent from early checkpoints).
-_STATE_TYPES = {"step": int, "tokens_seen": int, "layout": dict, "config": dict, "vocab_size": int}
+# The type of each field of trainer_state.json (vocab_size and weights_only are absent from early checkpoints).
+_STATE_TYPES = {"step": int, "tokens_seen": int, "layout": dict, "config": dict, "vocab_size": int,
+                "weights_only": bool}
+_OPTIONAL_STATE_FIELDS = ("vocab_size", "weights_only")
 
 
 def load_trainer_state(path: Path) -> TrainerState:
@@ -376,9 +435,9 @@ def _state_problem(raw: Any) -> str | None:
     if unknown := sorted(set(raw) - set(_STATE_TYPES)):
         return f"unknown field {unknown[0]!r}"
     for key, kind in _STATE_TYPES.items():
-        if key not in raw and key != "vocab_size":
+        if key not in raw and key not in _OPTIONAL_STATE_FIELDS:
             return f"no {key!r}"
-        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+        if key in raw and (not isinstance(raw[key], kind) or (isinstance(raw[key], bool) and kind is not bool)):
             return f"{key!r} is {raw[key]!r}, not {'an' if kind is int else 'a'} {kind.__name__}"
     sizes = [raw["layout"].get(axis) for axis in ("tp", "pp", "dp")]
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
@@ -428,6 +487,11 @@ class CheckpointReader:
 
     def data_state(self) -> dict:
         return _read(self.path / DATA_FILE, lambda f: json.loads(f.read_text()))
+
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json text saved with the model; None for a checkpoint saved without one."""
+        file = self.path / TOKENIZER_FILE
+        return _read(file, lambda f: f.read_text(encoding="utf-8")) if file.is_file() else None
 
     def restore_rng(self, topo: Topology) -> bool:
         """Put this rank's generators back if the layout is unchanged; False if they cannot be matched."""

@@ -3,6 +3,10 @@
 Built from megatron-core's tensor-parallel layers, so the same model runs at tp=1 and tp=8: the layout
 decides how wide each rank's shard is, never which code runs. The model is a flat sequence of layers
 (embedding, blocks, head) so the pipeline engine can cut it into stages.
+
+Outside training (conversion, generation, evaluation) there is no process group: megatron-core's layers
+need one even at tp=1, so the model is then built from plain torch layers with the same parameter names,
+shapes and initial values (`Local*` below). Decoding passes a `KVCache` through `forward` (trainer/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from kernels import causal_attention, layer_norm
 from trainer.config import KernelsConfig, ModelConfig
+from trainer.kv_cache import KVCache
 from trainer.vocab import padded_vocab_size
 
 
@@ -30,7 +35,81 @@ def _normal_init(std: float) -> Callable[[torch.Tensor], None]:
     return init
 
 
-def _parallel_config(sequence_parallel: bool = False) -> ModelParallelConfig:
+def tensor_parallel_active() -> bool:
+    """Whether megatron-core's parallel_state is up (training); if not, the model is built from `Local*` layers."""
+    return parallel_state.model_parallel_is_initialized()
+
+
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size() if tensor_parallel_active() else 1
+
+
+def _mark_split(param: nn.Parameter, dim: int) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+
+
+class LocalLinear(nn.Module):
+    """`nn.Linear` under megatron-core's parameter names, initial values and return convention (output, None):
+    the tp=1 layer of a model built with no process group."""
+
+    def __init__(self, in_features: int, out_features: int, init_method: Callable[[torch.Tensor], None],
+                 bias: bool, split_dim: int):
+        super().__init__()
+        # Megatron initialises an (out, in) master weight with init_method and biases with zeros.
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        init_method(self.weight.data)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # The dimension megatron's layer splits over tp (0: outputs, 1: inputs), marked as megatron marks it,
+        # so that checkpoints written from this model record it too.
+        _mark_split(self.weight, split_dim)
+        if self.bias is not None and split_dim == 0:
+            _mark_split(self.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return F.linear(x, self.weight, self.bias), None
+
+
+class LocalEmbedding(nn.Module):
+    """The whole token table of a model built with no process group (megatron's VocabParallelEmbedding at tp=1)."""
+
+    def __init__(self, num_embeddings: int, width: int, init_method: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, width))
+        init_method(self.weight.data)
+        _mark_split(self.weight, 0)
+        self.vocab_start_index = 0
+        self.num_embeddings_per_partition = num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def column_linear(in_features: int, out_features: int, init_method, bias: bool, mp: ModelParallelConfig | None):
+    """A linear layer whose outputs are split over tp (megatron's), or the plain one without a process group."""
+    if mp is None:
+        return LocalLinear(in_features, out_features, init_method, bias, split_dim=0)
+    return tensor_parallel.ColumnParallelLinear(in_features, out_features, config=mp, init_method=init_method,
+                                                bias=bias, gather_output=False)
+
+
+def row_linear(in_features: int, out_features: int, init_method, bias: bool, mp: ModelParallelConfig | None):
+    """A linear layer whose inputs are split over tp (megatron's), or the plain one without a process group."""
+    if mp is None:
+        return LocalLinear(in_features, out_features, init_method, bias, split_dim=1)
+    return tensor_parallel.RowParallelLinear(in_features, out_features, config=mp, init_method=init_method,
+                                             bias=bias, input_is_parallel=True, skip_bias_add=False)
+
+
+def _parallel_config(sequence_parallel: bool = False) -> ModelParallelConfig | None:
+    """Megatron's layer config for this layout; None when there is no process group (plain layers)."""
+    if not tensor_parallel_active():
+        return None
+    return _megatron_config(sequence_parallel)
+
+
+def _megatron_config(sequence_parallel: bool) -> ModelParallelConfig:
     # Weights are initialised on the CPU as one master tensor and then sliced, so every layout
     # starts from identical numbers; fused CUDA-only paths stay off so CPU and GPU share code.
     return ModelParallelConfig(
@@ -109,31 +188,28 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, mp: ModelParallelConfig):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
+        tp = mp.tensor_model_parallel_size if mp else 1
         # Sequence chunks the input arrives in: tp with sequence parallelism (the qkv layer gathers them).
-        self.sequence_chunks = tp if mp.sequence_parallel else 1
+        self.sequence_chunks = tp if mp and mp.sequence_parallel else 1
         self.local_heads = cfg.n_head // tp
         self.head_dim = cfg.head_dim
         self.attention_impl = kernels.attention
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)  # GPT-2: scale residual writes by depth
         # Output rows are laid out head by head as (head, q|k|v, head_dim), so a contiguous tp slice
         # holds whole heads with their q, k and v together.
-        self.qkv = tensor_parallel.ColumnParallelLinear(
-            cfg.n_embd, 3 * cfg.n_embd, config=mp, init_method=_normal_init(cfg.init_std),
-            bias=cfg.bias, gather_output=False,
-        )
-        self.proj = tensor_parallel.RowParallelLinear(
-            cfg.n_embd, cfg.n_embd, config=mp, init_method=_normal_init(residual_std),
-            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
-        )
+        self.qkv = column_linear(cfg.n_embd, 3 * cfg.n_embd, _normal_init(cfg.init_std), cfg.bias, mp)
+        self.proj = row_linear(cfg.n_embd, cfg.n_embd, _normal_init(residual_std), cfg.bias, mp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd); with sequence parallelism every rank's chunk
         qkv = _chunks_to_sequence(qkv, self.sequence_chunks)
         batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hd)
-        y = causal_attention(q, k, v, self.attention_impl)
+        if cache is None:
+            y = causal_attention(q, k, v, self.attention_impl)
+        else:  # decoding: this call's tokens attend to the cached ones and to each other
+            y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_dim)
         out, _ = self.proj(_sequence_to_chunks(y, self.sequence_chunks))  # back to this rank's chunk
         return out
@@ -145,14 +221,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.fc = tensor_parallel.ColumnParallelLinear(
-            cfg.n_embd, cfg.ffn_size, config=mp, init_method=_normal_init(cfg.init_std),
-            bias=cfg.bias, gather_output=False,
-        )
-        self.proj = tensor_parallel.RowParallelLinear(
-            cfg.ffn_size, cfg.n_embd, config=mp, init_method=_normal_init(residual_std),
-            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
-        )
+        self.fc = column_linear(cfg.n_embd, cfg.ffn_size, _normal_init(cfg.init_std), cfg.bias, mp)
+        self.proj = row_linear(cfg.ffn_size, cfg.n_embd, _normal_init(residual_std), cfg.bias, mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc(x)
@@ -167,6 +237,7 @@ class Block(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         mp = _parallel_config(sequence_parallel)
+        self.layer_index = layer_index
         with _seeded(seed, layer_index + 1):
             self.ln_attn = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm, sequence_parallel)
             self.attn = CausalSelfAttention(cfg, kernels, mp)
@@ -177,8 +248,8 @@ class Block(nn.Module):
             mark_sequence_parallel(self.mlp.proj)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_attn(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_attn(x), cache, self.layer_index))
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
 
 
@@ -200,10 +271,13 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.sequence_parallel = sequence_parallel
 
-    def forward(self, x: torch.Tensor, output_layer: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_layer: bool = False, positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`positions` (B, T) default to 0..T-1; decoding passes each token's own (after the cached ones)."""
         if output_layer:
             return _tied_logits(x, self.tokens, self.sequence_parallel)
-        positions = torch.arange(x.shape[1], device=x.device)
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
         h = self.dropout(self.tokens(x) + self.positions(positions))  # (B, T, C)
         return scatter_sequence(h) if self.sequence_parallel else h
 
@@ -224,14 +298,16 @@ class OutputLayer(nn.Module):
         return _tied_logits(h, self.tokens, self.sequence_parallel)
 
 
-def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> tensor_parallel.VocabParallelEmbedding:
+def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
     """The vocab-parallel token table, padded; rows past `vocab_size` are padding."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    padded = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
+    padded = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, _tp_size())
+    mp = _parallel_config()
     with _seeded(seed, 0):  # drawn first under seed 0, so the embedding and output copies agree
-        table = tensor_parallel.VocabParallelEmbedding(
-            padded, cfg.n_embd, init_method=_normal_init(cfg.init_std), config=_parallel_config()
-        )
+        if mp is None:
+            table = LocalEmbedding(padded, cfg.n_embd, _normal_init(cfg.init_std))
+        else:
+            table = tensor_parallel.VocabParallelEmbedding(padded, cfg.n_embd, init_method=_normal_init(cfg.init_std),
+                                                           config=mp)
     # Logits of padding rows are masked, so the padding (which depends on tp) never changes the model.
     local_start = table.vocab_start_index
     local_ids = torch.arange(local_start, local_start + table.num_embeddings_per_partition)
@@ -239,13 +315,15 @@ def _token_table(cfg: ModelConfig, vocab_size: int, seed: int) -> tensor_paralle
     return table
 
 
-def _tied_logits(h: torch.Tensor, table: tensor_parallel.VocabParallelEmbedding,
-                 sequence_parallel: bool = False) -> torch.Tensor:
+def _tied_logits(h: torch.Tensor, table: nn.Module, sequence_parallel: bool = False) -> torch.Tensor:
     """This rank's slice of the vocabulary logits, (B, T, V/tp): h @ table^T.
 
     h's gradient is summed over tp (all-reduced, or reduce-scattered back to sequence chunks).
     """
-    h = gather_sequence(h) if sequence_parallel else tensor_parallel.copy_to_tensor_model_parallel_region(h)
+    if sequence_parallel:
+        h = gather_sequence(h)
+    elif not isinstance(table, LocalEmbedding):
+        h = tensor_parallel.copy_to_tensor_model_parallel_region(h)
     logits = F.linear(h, table.weight)
     return logits.masked_fill(table.padding_mask, float("-inf"))
 
@@ -263,6 +341,8 @@ class FinalNorm(nn.Module):
 
 def language_model_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over vocab-parallel logits, computed in fp32."""
+    if not tensor_parallel_active():  # a model built with no process group holds the whole vocabulary
+        return F.cross_entropy(vocab_parallel_logits.float().flatten(0, 1), targets.flatten())
     losses = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), targets)
     return losses.mean()
 
@@ -278,21 +358,25 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: KernelsConfig, vocab_size: int, seed: int,
                  activation_checkpointing: bool = False, sequence_parallel: bool = False):
         super().__init__()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.config = cfg
-        self.vocab_size = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, tp)
+        self.vocab_size = padded_vocab_size(vocab_size, cfg.pad_vocab_to_multiple, _tp_size())
         self.activation_checkpointing = activation_checkpointing
         self.embedding = Embedding(cfg, vocab_size, seed, sequence_parallel)
         self.blocks = nn.ModuleList(Block(cfg, kernels, seed, i, sequence_parallel) for i in range(cfg.n_layer))
         self.head = FinalNorm(cfg, kernels, sequence_parallel)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.embedding(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> torch.Tensor:
+        """The loss, or the logits (B, T, V/tp). With a `cache`, `idx` continues the cached tokens: their keys and
+        values are reused, this call's are added, and positions continue from where the cache stands."""
+        h = self.embedding(idx, positions=None if cache is None else cache.positions(idx.shape[1]))
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 h = checkpoint_block(block, h)
             else:
-                h = block(h)
+                h = block(h, cache)
+        if cache is not None:
+            cache.advance(idx.shape[1])
         logits = self.embedding(self.head(h), output_layer=True)
         if targets is None:
             return logits

@@ -39,7 +39,7 @@ def logged(metrics: Path, key: str = "train/loss") -> dict[int, float]:
 
 def small_corpus_args(prepared: Path) -> list[str]:
     """The data overrides that match `small_corpus`, so training reuses it rather than preparing again."""
-    return [f"data.prepared_dir={prepared}", "data.vocab_size=512", "data.max_corpus_mb=1.0",
+    return [f"data.prepared_dir={prepared}", "model.vocab_size=512", "data.max_corpus_mb=1.0",
             "data.shard_max_tokens=20000", "data.val_fraction=0.1"]
 
 

@@ -205,7 +205,7 @@ def test_a_source_without_documents_ends_in_one_line_naming_what_was_skipped(tmp
     for name, data in files.items():
         (root / name).write_bytes(data)
     config = compose_config([*SMALL_RUN, f"data.source={root}", f"data.prepared_dir={tmp_path / 'prepared'}",
-                             "data.vocab_size=512", f"train.run_dir={tmp_path / 'run'}"])
+                             "model.vocab_size=512", f"train.run_dir={tmp_path / 'run'}"])
     assert _one_line_exit(config, caplog) == f"error: data.source '{root}' " + problem.format(root=root)
 
 

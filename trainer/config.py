@@ -12,7 +12,7 @@ import re
 import signal
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from data_pipeline.config import DataConfig
 
@@ -53,8 +53,9 @@ class ModelConfig:
     n_embd: int = 128
     # Maximum context length (size of the learned position table).
     block_size: int = 256
-    # None: taken from the tokenizer, padded up to `pad_vocab_to_multiple` (x tp) for fast matmuls.
-    vocab_size: int | None = None
+    # The tokenizer's vocabulary, fixed by the preset (data.vocab_size follows it, and a prepared corpus whose
+    # tokenizer has another size is refused). The token table is padded up to `pad_vocab_to_multiple` (x tp).
+    vocab_size: int = 4096
     pad_vocab_to_multiple: int = 64
     # MLP width; None means 4 * n_embd.
     ffn_hidden_size: int | None = None
@@ -73,8 +74,7 @@ class ModelConfig:
             f"must divide model.n_embd={self.n_embd}",
             self.n_head,
         )
-        if self.vocab_size is not None:
-            _require(self.vocab_size > 0, "model.vocab_size", "must be positive", self.vocab_size)
+        _require(self.vocab_size > 0, "model.vocab_size", "must be positive", self.vocab_size)
         if self.ffn_hidden_size is not None:
             _require(self.ffn_hidden_size > 0, "model.ffn_hidden_size", "must be positive", self.ffn_hidden_size)
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
@@ -212,6 +212,10 @@ class TrainConfig:
     # auto: continue from the latest checkpoint in run_dir if there is one; never: start fresh
     # (refused if run_dir already holds checkpoints); or a path to one checkpoint directory.
     resume: str = "auto"
+    # Start from these weights (a checkpoint of any layout, a weights-only one from `trainer.convert from-hf`, or
+    # a Hugging Face GPT-2 directory) with a fresh optimizer, LR schedule, step 0 and data position 0, at any
+    # layout. Used only when the run starts fresh: once it has checkpoints of its own, resume takes over.
+    init_from: Optional[str] = None  # noqa: UP045 - the form every OmegaConf version accepts
     run_name: str = "default"
     run_dir: str = "runs/default"
     seed: int = 1337
@@ -241,6 +245,8 @@ class TrainConfig:
         if self.seq_len is not None:
             _require(self.seq_len > 0, "train.seq_len", "must be positive", self.seq_len)
         _require(bool(self.resume), "train.resume", "must be auto, never or a checkpoint path", self.resume)
+        _require(self.init_from is None or bool(self.init_from), "train.init_from",
+                 "must be a checkpoint or Hugging Face directory, or null", self.init_from)
         _require_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _require_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _require(0 < self.preemption_exit_code < 256, "train.preemption_exit_code", "must be in 1..255",

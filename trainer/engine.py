@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import deepspeed
@@ -310,6 +310,16 @@ class Engine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
+
+    def load_weights(self, read: Callable[[str], torch.Tensor]) -> None:
+        """Set the weights from full single-process tensors (`read(name)`), with fresh Adam moments and step 0."""
+
+        def weights_and_zero_moments(key: str) -> torch.Tensor:
+            kind, _, name = key.rpartition("/")
+            return torch.zeros_like(read(name)) if kind else read(key)
+
+        apply_full_state(self.ds, self.config.model.n_layer, self.pipeline, weights_and_zero_moments,
+                         self.topo.tp_rank, self.topo.tp, step=0)
 
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
         value = value.detach().float().to(self.topo.device)

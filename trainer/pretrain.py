@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> None:
     try:
         config = to_config(cfg)
         check_data_source(config.data)
+        check_tokenizer_path(config)
     except (ConfigError, SourceError, FileNotFoundError) as err:
         exit_config_error(err)
     # From here on a preemption signal stops the run cleanly, even during the imports and start-up below.
@@ -76,6 +77,21 @@ def check_data_source(data: DataConfig) -> None:
         raise SourceError(str(err)) from None
     for source in sources:
         check_source(source)
+
+
+def check_tokenizer_path(config: Config) -> None:
+    """Before any data is prepared: a data.tokenizer_path of another vocabulary than the model's is refused."""
+    path = config.data.tokenizer_path
+    if path and Path(path).is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            size = Tokenizer.from_file(path).get_vocab_size()
+        except Exception as err:  # noqa: BLE001 - the tokenizers library reports any bad file as one exception
+            raise ConfigError(f"data.tokenizer_path={path}: not a tokenizer.json ({str(err).splitlines()[0]})") from None
+        from trainer.run import check_vocabulary
+
+        check_vocabulary(config, {"vocab_size": size})
 
 
 def one_line_errors() -> tuple[type[Exception], ...]:

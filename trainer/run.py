@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.config import MIN_VOCAB_SIZE, parse_mixture
+from data_pipeline.config import parse_mixture
 from data_pipeline.mixture import MixtureStream
 from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shards import read_index
@@ -35,6 +35,7 @@ from trainer.cost.flops import hardware_flops_per_token
 from trainer.cost.memory import Layout, estimate_memory
 from trainer.cost.reconcile import Plan, Reconciler, cpu_peak_flops
 from trainer.engine import Engine, build_model, resolve_precision
+from trainer.init_from import initialize_from
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
@@ -119,6 +120,25 @@ def build_train_stream(config: Config, topo: Topology, index: dict):
     return MixtureStream([loader(p) for p, _ in mixture], [w for _, w in mixture], seed=config.data.seed)
 
 
+def tokenizer_text(config: Config, index: dict) -> str:
+    """The tokenizer.json of the prepared corpus, saved with every checkpoint."""
+    return (Path(config.data.prepared_dir) / index["tokenizer"]).read_text(encoding="utf-8")
+
+
+def check_vocabulary(config: Config, index: dict) -> None:
+    """The model preset fixes the vocabulary: refuse data tokenized to another size, naming both."""
+    model, data = config.model, config.data
+    if index["vocab_size"] == model.vocab_size:
+        return
+    origin = f"data.tokenizer_path={data.tokenizer_path}" if data.tokenizer_path else \
+        f"the tokenizer trained for data.prepared_dir={data.prepared_dir}"
+    raise ConfigError(
+        f"model.vocab_size={model.vocab_size} (model={model.name}) but {origin} has {index['vocab_size']} tokens: "
+        f"set data.tokenizer_path to a tokenizer of {model.vocab_size} tokens (`python -m trainer.convert from-hf` "
+        f"writes GPT-2's), or model.vocab_size={index['vocab_size']}"
+    )
+
+
 def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the differences (the layout may differ)."""
     saved_model = saved.config.get("model")
@@ -161,6 +181,9 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
         return Progress(), None
     reader = CheckpointReader(path)
     saved = reader.state
+    if saved.weights_only:
+        raise CheckpointError(f"train.resume={config.train.resume!r}: {path} holds weights only (an imported model), "
+                              f"nothing to resume; start a run from it with train.init_from={path}")
     _check_resumable(saved, config, path)
     engine.load_full_state(reader)
     if not reader.restore_rng(topo):
@@ -174,18 +197,18 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
     return Progress(step=saved.step, tokens_seen=saved.tokens_seen), path
 
 
-def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path,
-                      vocab_size: int):
+def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path, tokenizer_json: str):
     def save(progress: Progress) -> Path:
         state = TrainerState(
             step=progress.step,
             tokens_seen=progress.tokens_seen,
             layout=topo.layout,
             config=dataclasses.asdict(config),
-            vocab_size=vocab_size,
+            vocab_size=config.model.vocab_size,
         )
         path = save_checkpoint(
-            root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints
+            root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints,
+            tokenizer_json,
         )
         log.info("checkpoint saved: %s", path)
         return path
@@ -218,13 +241,14 @@ def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSumm
         logging.getLogger().setLevel(logging.WARNING)
     if job := slurm_job_text():
         log.info("%s", job)
-    # Before the data is prepared and the model allocated, so with the least vocabulary any tokenizer has.
-    check_memory(config, topo, MIN_VOCAB_SIZE)
+    # Before the data is prepared and the model allocated.
+    check_memory(config, topo, config.model.vocab_size)
     torch.manual_seed(config.train.seed)
     Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
     index = _prepare_data(config, topo)
+    check_vocabulary(config, index)
     _stop_if_preempted(preemption, Progress(), None)  # a safe point before the model is built
-    engine = Engine(build_model(config, index["vocab_size"], topo), config, topo)
+    engine = Engine(build_model(config, config.model.vocab_size, topo), config, topo)
     stream = build_train_stream(config, topo, index)
     try:
         return _train(config, topo, index, engine, stream, preemption)
@@ -247,9 +271,13 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     run_dir = Path(config.train.run_dir)
     root = run_dir / "checkpoints"
     progress, resumed = _resume(config, topo, engine, stream, root)
+    if resumed is None and config.train.init_from:
+        initialize_from(config, engine, index)
+    elif config.train.init_from:
+        log.info("train.init_from=%s not used: the run continues from its own checkpoint", config.train.init_from)
     _stop_if_preempted(preemption, progress, resumed)  # the last safe point before training
-    save = _checkpoint_saver(config, topo, engine, stream, root, index["vocab_size"])
-    padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
+    save = _checkpoint_saver(config, topo, engine, stream, root, tokenizer_text(config, index))
+    padded_vocab = padded_vocab_size(config.model.vocab_size, config.model.pad_vocab_to_multiple, topo.tp)
     flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
     num_parameters = global_parameter_count(engine.module, topo)
     sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main,

@@ -22,8 +22,8 @@ GPT3_BATCH_TOKENS = ((1e9, 0.5 * 2**20), (5e9, 2**20), (100e9, 2 * 2**20), (floa
 
 
 def vocab_size(config: Config) -> int:
-    """The tokenizer's vocabulary: the model's if set, else the data pipeline's target."""
-    return config.model.vocab_size or config.data.vocab_size
+    """The tokenizer's vocabulary, as the model preset fixes it (training refuses data with another)."""
+    return config.model.vocab_size
 
 
 def default_global_batch(num_parameters: float, seq_len: int) -> int:

@@ -1,7 +1,9 @@
 """Export a checkpoint of any layout as one safetensors file: `python -m trainer.export CKPT [--out FILE]`.
 
 The file holds the single-process GPT's weights (tp shards joined, pipeline stages merged, vocabulary
-padding removed) and, as metadata, the model config and vocabulary size needed to rebuild it.
+padding removed) and, as metadata, the model config and vocabulary size needed to rebuild it. It is written
+to `<checkpoint>/consolidated.safetensors` by default: our parameter names, not a Hugging Face model (for one,
+`python -m trainer.convert to-hf CKPT --out DIR`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from trainer.checkpoint import CheckpointError, CheckpointReader
 
 log = logging.getLogger(__name__)
 VOCAB_ROWS = ("embedding.tokens.weight",)
+# Our names and metadata, not a Hugging Face model.safetensors (trainer/convert.py writes those).
+CONSOLIDATED_FILE = "consolidated.safetensors"
 
 
 def consolidated_weights(reader: CheckpointReader) -> dict[str, torch.Tensor]:
@@ -53,10 +57,11 @@ def export(checkpoint: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (runs/<name>/checkpoints/step_N)")
-    parser.add_argument("--out", type=Path, help="output file (default: <checkpoint>/model.safetensors)")
+    parser.add_argument("--out", type=Path, help="output file (default: <checkpoint>/consolidated.safetensors; "
+                        "not a Hugging Face file: `python -m trainer.convert to-hf` writes one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
-    out = args.out or args.checkpoint / "model.safetensors"
+    out = args.out or args.checkpoint / CONSOLIDATED_FILE
     try:
         export(args.checkpoint, out)
     except CheckpointError as err:

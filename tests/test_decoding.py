@@ -380,3 +380,115 @@ def test_bad_prompts_raise(model):
         generate(lm, [], GenerationSettings())
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(lm, [[1]], GenerationSettings(eos_token_id=VOCAB))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line: python -m trainer.generate, run in-process on a saved random GPT-2 with a tokenizer
+
+
+CORPUS = ["def main(argv):\n    return parse(argv)\n" * 3, "import os\nimport sys\n\nclass Reader:\n    pass\n" * 3,
+          "The quick brown fox jumps over the lazy dog. " * 5]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> tuple:
+    """A transformers GPT-2 directory (random weights, a tokenizer we train, end-of-text as eos), its model."""
+    from data_pipeline.tokenizer import EOT_TOKEN, train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, 300)
+    eot = tokenizer.token_to_id(EOT_TOKEN)
+    torch.manual_seed(1)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=48, vocab_size=tokenizer.get_vocab_size(),
+                        initializer_range=0.3, bos_token_id=eot, eos_token_id=eot)
+    model = GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+    return path, model, tokenizer, eot
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from trainer.generate import main
+
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_cli_greedy_prints_transformers_completions(hf_dir, capsys):
+    """Our GPT with its KV cache (trainer.inference), driven by the CLI, writes HF generate()'s text."""
+    path, model, tokenizer, eot = hf_dir
+    prompts = ["def main(", "import os\nclass Reader"]
+    status, out, err = run_cli(capsys, path, "--prompt", prompts[0], "--prompt", prompts[1], "--greedy",
+                               "--max-new-tokens", 12, "--device", "cpu")
+    assert status == 0, err
+    for number, text in enumerate(prompts, start=1):
+        ids = tokenizer.encode(text).ids
+        expected = hf_generate(model, [ids], GenerationSettings(max_new_tokens=12, eos_token_id=eot))[0][0]
+        header = f"--- completion 1 of 1 ({len(expected)} new tokens, "
+        assert f"=== prompt {number} of 2 ===\n{text}\n{header}" in out
+        assert "\n" + tokenizer.decode(expected, skip_special_tokens=False) + "\n" in out.split(header)[number]
+    assert out.splitlines()[-1].startswith("generated ") and " tokens/s " in out.splitlines()[-1]
+
+
+def test_cli_samples_reproducibly_from_a_prompts_file(hf_dir, capsys, tmp_path):
+    path = hf_dir[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def main("}\n\n{"prompt": "The quick", "id": 7}\n', encoding="utf-8")
+    args = [path, "--prompts", prompts, "--max-new-tokens", 8, "--temperature", 1.3, "--top-k", 50,
+            "--num-return-sequences", 2, "--seed", 3, "--device", "cpu"]
+    status, first, _ = run_cli(capsys, *args)
+    assert status == 0
+    assert first.count("=== prompt ") == 2 and first.count("--- completion ") == 4
+    assert run_cli(capsys, *args)[1].splitlines()[:-1] == first.splitlines()[:-1]  # all but the timing line
+    assert run_cli(capsys, *args[:-4], "--seed", 4, "--device", "cpu")[1] != first
+
+
+def test_cli_beam_search_runs(hf_dir, capsys):
+    status, out, err = run_cli(capsys, hf_dir[0], "--prompt", "import", "--num-beams", 3, "--length-penalty", 0.8,
+                               "--num-return-sequences", 2, "--no-repeat-ngram-size", 2, "--max-new-tokens", 6)
+    assert status == 0, err
+    assert out.count("--- completion ") == 2 and "seed" not in err  # beam search is deterministic
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prompt", ""], "--prompt number 1 is empty"),
+    (["--prompt", "x", "--top-p", 1.5], "--top-p 1.5: must be in (0, 1]"),
+    (["--prompt", "x", "--temperature", 0], "--temperature 0.0: must be > 0"),
+    (["--prompt", "x", "--num-beams", 2, "--num-return-sequences", 3], "--num-return-sequences 3: must be <="),
+    (["--prompt", "x", "--greedy", "--top-k", 5], "--greedy and --top-k contradict"),
+    (["--prompts", "{missing}"], "cannot read"),
+    (["--prompts", "{bad_line}"], "prompts.jsonl line 2: expected an object with a \"prompt\" string"),
+    (["--prompts", "{not_json}"], "prompts.jsonl line 1: not JSON"),
+    ([], "no prompt: give --prompt"),
+    (["--prompt", "x", "--top-p", "high"], "argument --top-p: invalid float value"),
+])  # fmt: skip
+def test_cli_errors_are_one_line_and_status_2(hf_dir, capsys, tmp_path, argv, message):
+    files = {"missing": tmp_path / "missing.jsonl", "bad_line": tmp_path / "prompts.jsonl",
+             "not_json": tmp_path / "prompts.jsonl"}  # fmt: skip
+    if "{bad_line}" in argv:
+        files["bad_line"].write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    if "{not_json}" in argv:
+        files["not_json"].write_text("prompt: not json\n")
+    argv = [str(a).format(**files) for a in argv]
+    try:
+        status, out, err = run_cli(capsys, hf_dir[0], *argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status, (out, err) = exit_.code, capsys.readouterr()
+    assert status == 2
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+
+
+def test_cli_refuses_a_prompt_with_no_room_to_grow(hf_dir, capsys):
+    path, _, tokenizer, _ = hf_dir
+    length = len(tokenizer.encode("def main(").ids)
+    status, _, err = run_cli(capsys, path, "--prompt", "x", "--prompt", "def main(", "--max-new-tokens", 49 - length)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert (f"error: prompt 2 has {length} tokens; with --max-new-tokens {49 - length} that is 49, more than the "
+            "model's context of 48 tokens") in err
+
+
+def test_cli_refuses_a_directory_that_is_no_model(capsys, tmp_path):
+    status, _, err = run_cli(capsys, tmp_path, "--prompt", "x")
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

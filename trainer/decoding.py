@@ -83,7 +83,7 @@ class GenerationSettings:
         if self.max_new_tokens < 1:
             _invalid("max_new_tokens", self.max_new_tokens, "must be at least 1")
         if self.temperature <= 0:
-            _invalid("temperature", self.temperature, "must be > 0 (for deterministic decoding use do_sample=False)")
+            _invalid("temperature", self.temperature, "must be > 0 (greedy decoding and beam search do not sample)")
         if self.top_k < 0:
             _invalid("top_k", self.top_k, "must be >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
@@ -419,7 +419,7 @@ def keep_finished_hypotheses(beams: Beams, candidates: Candidates, step: int, se
     accepted = candidates.done & among_best & beams.still_open[:, None]
     new_length = step + 1
     new_scores = candidates.scores / (new_length ** settings.length_penalty)
-    new_scores = torch.where(accepted, new_scores, new_scores + 3 * UNLIKELY)
+    new_scores = new_scores.masked_fill(~accepted, -math.inf)  # never chosen over a placeholder
     scores = torch.cat([beams.finished_scores, new_scores], dim=1)
     best = torch.topk(scores, num_beams).indices
     beams.finished_scores = scores.gather(1, best)

@@ -54,15 +54,16 @@ class BadInputError(SourceError):
 class BadInputLog:
     """Counts bad input by kind and logs it; in strict mode raises on the first one instead."""
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, kinds: tuple[str, ...] = BAD_INPUT_KINDS) -> None:
         self.strict = strict
+        self.kinds = kinds  # what may be reported (other readers, e.g. prepare_sft, have their own kinds)
         self.counts: Counter[str] = Counter()
         # The first place each kind was met, to name it when nothing else is left.
         self.first: dict[str, str] = {}
 
     def report(self, kind: str, path: Path, where: str | None, detail: str) -> None:
         """Record bad input of `kind` in `path` at `where` ("line 3", "row 0" or None for the whole file)."""
-        assert kind in BAD_INPUT_KINDS, kind
+        assert kind in self.kinds, kind
         location = f"{path} {where}" if where else str(path)
         if self.strict:
             # `from None`: the error names the culprit; the library exception behind it adds nothing.
@@ -79,7 +80,7 @@ class BadInputLog:
 
     def as_dict(self) -> dict[str, int]:
         """Counts of every kind, zeros included (the `bad_input` entry of index.json)."""
-        return {kind: self.counts[kind] for kind in BAD_INPUT_KINDS}
+        return {kind: self.counts[kind] for kind in self.kinds}
 
     def describe(self) -> str:
         """What was skipped, with the first place of each kind: "1 invalid_utf8 (first: a.txt line 1)"."""

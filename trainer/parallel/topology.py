@@ -127,7 +127,9 @@ def init_topology(parallel: ParallelConfig, device_name: str = "auto", collectiv
             f"but the job has {world_size} processes"
         )
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        shutdown_topology()
+    _GROUPS_BEFORE_TOPOLOGY.clear()
+    _GROUPS_BEFORE_TOPOLOGY.update(id(pg) for pg in _process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp
     )
@@ -166,7 +168,24 @@ def collective_failure(err: BaseException) -> str | None:
             "Another rank has likely died or hung; the launcher's log names the one that failed first")
 
 
+# The process groups that existed before `init_topology` made megatron-core's (by id), so that
+# `shutdown_topology` destroys only what the topology and the engine on it created.
+_GROUPS_BEFORE_TOPOLOGY: set[int] = set()
+
+
+def _process_groups() -> list:
+    return list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
+
+
 def shutdown_topology() -> None:
-    """Tear down megatron-core's groups (the process group stays up for reuse in this process)."""
+    """Tear down megatron-core's groups and every process group created since `init_topology` (megatron's,
+    DeepSpeed's pipeline and ZeRO groups); the default group stays up for reuse in this process.
+
+    Each gloo group keeps a thread polling its sockets: a process that runs one job after another (an
+    in-process sweep, the test suite) would otherwise pile up tens of idle-but-polling threads per job."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    world = dist.GroupMember.WORLD if dist.is_initialized() else None
+    for group in _process_groups():
+        if group is not world and id(group) not in _GROUPS_BEFORE_TOPOLOGY:
+            dist.destroy_process_group(group)

@@ -165,20 +165,24 @@ def test_epochs_are_shuffled_differently_and_cover_every_piece(prepared):
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_resume_continues_identically_under_any_dp_size(prepared, packing):
+    epoch_steps = _stream(prepared, packing=packing).rows_in_epoch() // 4
+    stops = (5, epoch_steps + 2)  # in the first epoch, and in the second
     full = _stream(prepared, batch=4, packing=packing)
-    reference = [next(full) for _ in range(12)]
-    first = _stream(prepared, batch=4, packing=packing)
-    for _ in range(5):
-        next(first)
-    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
-    same = _stream(prepared, batch=4, packing=packing)
-    same.load_state_dict(state)
-    ranks = [_stream(prepared, batch=2, dp_rank=r, dp_world_size=2, packing=packing) for r in range(2)]
-    for r in ranks:
-        r.load_state_dict(state)
-    for k in range(5, 12):
-        _assert_same(next(same), reference[k])
-        _assert_same(_cat([next(r) for r in ranks]), reference[k])
+    reference = [next(full) for _ in range(stops[-1] + 6)]
+    for stop in stops:
+        first = _stream(prepared, batch=4, packing=packing)
+        for _ in range(stop):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+        assert state["epoch"] == (stop > epoch_steps)
+        same = _stream(prepared, batch=4, packing=packing)
+        same.load_state_dict(state)
+        ranks = [_stream(prepared, batch=2, dp_rank=r, dp_world_size=2, packing=packing) for r in range(2)]
+        for r in ranks:
+            r.load_state_dict(state)
+        for k in range(stop, stop + 6):
+            _assert_same(next(same), reference[k])
+            _assert_same(_cat([next(r) for r in ranks]), reference[k])
 
 
 def test_state_from_other_data_or_layout_is_refused(prepared):

@@ -12,6 +12,13 @@ Per (batch, head), with S = scale * Q K^T (causal: S[i, j] = -inf for j > i), P 
              query block (dQ; loops over key blocks up to the diagonal): each output has a single writer, so
              there are no atomics, at the price of computing P and dP twice.
 
+Packed sequences (several samples in one row) pass `segment_ids` (B, T): query i then attends key j only if
+segment_ids[b, i] == segment_ids[b, j] (and j <= i when causal); S[i, j] = -inf elsewhere, in every block the
+kernels visit, forward and backward alike. Every query sees itself, so no row is empty. Key blocks that lie
+before the first key any query of a block may see are skipped (and, in backward, query blocks after the last
+query any key of a block may serve); those bounds come from the runs of equal ids when a row's ids are
+non-decreasing (the packed layout) and are the whole row otherwise, so any ids are correct.
+
 No T x T matrix is ever stored: memory is O(T * head_dim) per head. Exponentials are exp2 with log2(e) folded
 into the scale (one multiply fewer per score; exp2 is the hardware instruction).
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,37 +53,73 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return q.shape[1] // k.shape[1]
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + causal mask) V, materialising the T x T matrix; q: (B, nh, T, hd), k, v: (B, nh_kv, T, hd)."""
+def _check_segments(segment_ids: torch.Tensor, q: torch.Tensor) -> None:
+    batch, _, seq_len, _ = q.shape
+    if segment_ids.shape != (batch, seq_len) or segment_ids.dtype.is_floating_point or segment_ids.is_complex():
+        raise ValueError(f"attention: segment_ids must be an integer tensor (B, T) = {(batch, seq_len)}; got "
+                         f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
+    if segment_ids.device != q.device:
+        raise ValueError(f"attention: segment_ids on {segment_ids.device}, q on {q.device}")
+
+
+def attention_mask(seq_len: int, segment_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Which keys each query may see: (T, T) causal, or (B, 1, T, T) causal and within the query's segment."""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if segment_ids is None:
+        return mask
+    return (mask & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V, materialising the T x T matrix; q: (B, nh, T, hd), k, v: (B, nh_kv, T, hd).
+
+    The mask is causal, and with `segment_ids` (B, T) also keeps query i from keys of another segment.
+    """
     group = _check_heads(q, k, v)
+    if segment_ids is not None:
+        _check_segments(segment_ids, q)
     if group > 1:  # grouped-query attention: kv head j serves query heads j*group .. (j+1)*group - 1
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    seq_len = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~attention_mask(q.shape[-2], segment_ids, q.device), float("-inf"))
     # Softmax in fp32 so that bf16/fp16 inputs keep the precision of the fused kernels.
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return probs @ v
 
 
-def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PyTorch's scaled_dot_product_attention (flash / memory-efficient backends on CUDA)."""
+def attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention: is_causal (flash backends on CUDA), or a boolean segment mask."""
     group = _check_heads(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    if segment_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    _check_segments(segment_ids, q)
+    # A (B, 1, T, T) boolean mask: CUDA takes the memory-efficient backend (flash has no masks).
+    mask = attention_mask(q.shape[-2], segment_ids, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Causal attention, q: (B, nh, T, hd), k, v: (B, nh_kv, T, hd), with the implementation named by `impl`."""
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto", segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention, q: (B, nh, T, hd), k, v: (B, nh_kv, T, hd), with the implementation named by `impl`.
+
+    segment_ids: None, or integer (B, T), the same for every head: query i attends key j iff j <= i and
+    segment_ids[b, i] == segment_ids[b, j] (packed samples never see each other). Any ids work; non-decreasing
+    ids along T (the packed layout) also let the Triton kernels skip other samples' blocks.
+    """
     if impl == "auto":
         triton_ok = q.is_cuda and q.shape[-1] in TRITON_HEAD_DIMS and q.dtype in TRITON_DTYPES
         impl = "triton" if triton_ok else "torch_sdpa"
     if impl == "triton":
-        return flash_attention(q, k, v, causal=True)
+        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
     if impl == "torch_sdpa":
-        return attention_sdpa(q, k, v)
+        return attention_sdpa(q, k, v, segment_ids)
     if impl == "reference":
-        return attention_reference(q, k, v)
+        return attention_reference(q, k, v, segment_ids)
     raise ValueError(f"kernels.attention={impl!r}: must be one of {', '.join(ATTENTION_IMPLS)}")
 
 
@@ -83,6 +127,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: st
 # Triton kernels. Every tensor is contiguous (B, heads, T, HEAD_DIM): a row of one head is HEAD_DIM apart,
 # a head T * HEAD_DIM apart; L and Delta are (B, H, T) fp32. Query head h of a program reads kv head
 # h // GROUP; with bh = b * H + h and H = H_kv * GROUP, that kv head's flat index is bh // GROUP.
+# With SEGMENTED, SEG (B, T) holds the segment ids and SEG_LO / SEG_HI (B, T) int32, per position, the first /
+# last position that may hold the same id; a program finds its batch row b as bh // n_heads (n_heads: H in
+# the query-block kernels, H_kv in the dK/dV kernel). Without SEGMENTED they are never read.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -105,8 +152,9 @@ _BWD_DQ_CONFIGS = _autotune_configs([(128, 32, 3, 8), (128, 32, 4, 4), (128, 64,
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, qk_scale, offs_m, lo, hi, T,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _attn_fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, qk_scale, offs_m, lo, hi, T,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                    SEGMENTED: tl.constexpr, MASK: tl.constexpr):
     """Fold key blocks [lo, hi) into the online softmax; MASK: the diagonal / last block, masked per element."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -125,9 +173,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, qk_scale, offs_m, lo, hi, T,
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            # Every row keeps at least one key of the first block it sees (key start_m * BLOCK_M <= its row),
-            # so m_ij is finite and exp2(-inf - m_ij) = 0, never NaN.
+            if SEGMENTED:
+                keep = keep & (seg_q[:, None] == tl.load(SEG + offs_n, mask=offs_n < T, other=0)[None, :])
+            # Causal: every row keeps at least one key of the first block it sees (key start_m * BLOCK_M <= its
+            # row), so m_ij is finite and exp2(-inf - m_ij) = 0, never NaN. Segmented: m starts finite.
             qk = tl.where(keep, qk, float("-inf"))
+        elif SEGMENTED:
+            qk = tl.where(seg_q[:, None] == tl.load(SEG + offs_n)[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old max
@@ -138,7 +190,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, qk_scale, offs_m, lo, hi, T,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"])
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, H, T, HEAD_DIM) queries
@@ -146,11 +198,15 @@ def _attn_fwd_kernel(
     V,  # (B, H_kv, T, HEAD_DIM) values
     Out,  # (B, H, T, HEAD_DIM) output, dtype of Q
     L,  # (B, H, T) fp32 log-sum-exp of the scaled scores per query row (natural log)
+    SEG,  # (B, T) segment ids (SEGMENTED only)
+    SEG_LO,  # (B, T) int32: no key before SEG_LO[i] shares query i's segment (SEGMENTED only)
     sm_scale,  # softmax scale, 1/sqrt(HEAD_DIM) by default
     T,  # sequence length
+    n_heads,  # H: the batch row of program bh is bh // n_heads
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -164,18 +220,32 @@ def _attn_fwd_kernel(
     row_ok = offs_m < T
     q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # log2(e): exp(x) = exp2(x * log2(e))
+    if SEGMENTED:
+        seg_row = (bh // n_heads).to(tl.int64) * T
+        SEG = SEG + seg_row
+        seg_q = tl.load(SEG + offs_m, mask=row_ok, other=0)
+        # Key blocks wholly before the earliest key any row of this block may see hold only other segments.
+        lo = tl.min(tl.load(SEG_LO + seg_row + offs_m, mask=row_ok, other=T), 0) // BLOCK_N * BLOCK_N
+        # A row's running max starts finite: a key block all of other segments leaves it there
+        # (exp2(-inf - m) = 0, alpha = 1) where -inf would give exp2(-inf + inf) = NaN. Scores never get near.
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    else:
+        seg_q = offs_m  # unused
+        lo = 0
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     if CAUSAL:  # off-diagonal blocks unmasked, then the diagonal block; blocks past it are never loaded
         off_band, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
     else:  # whole blocks unmasked, then the ragged last block
         off_band, hi = (T // BLOCK_N) * BLOCK_N, T
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, qk_scale, offs_m, 0, off_band, T,
-                                    BLOCK_N, HEAD_DIM, CAUSAL, False)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_off, V + kv_off, qk_scale, offs_m, off_band, hi, T,
-                                    BLOCK_N, HEAD_DIM, CAUSAL, True)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, seg_q, K + kv_off, V + kv_off, SEG, qk_scale, offs_m,
+                                    lo, off_band, T, BLOCK_N, HEAD_DIM, CAUSAL, SEGMENTED, False)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, seg_q, K + kv_off, V + kv_off, SEG, qk_scale, offs_m,
+                                    off_band, hi, T, BLOCK_N, HEAD_DIM, CAUSAL, SEGMENTED, True)
+    if SEGMENTED:  # rows past T may have matched no key (l = 0); they are not stored, but keep them finite
+        l_i = tl.where(row_ok, l_i, 1.0)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log, as torch.logsumexp
     tl.store(L + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
@@ -203,8 +273,9 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, qk_scale, offs_n, lo, num_steps, T,
-                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, seg_k, Q, DO, L, Delta, SEG, qk_scale, offs_n, lo, num_steps, T,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                         SEGMENTED: tl.constexpr, MASK: tl.constexpr):
     """Accumulate dK, dV of one key block over `num_steps` query blocks from `lo`; works on transposed tiles."""
     offs_d = tl.arange(0, HEAD_DIM)
     for step in range(num_steps):
@@ -220,7 +291,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, qk_scale, offs_n, lo, nu
             keep = offs_n[:, None] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            if SEGMENTED:
+                keep = keep & (seg_k[:, None] == tl.load(SEG + offs_m, mask=row_ok, other=0)[None, :])
             pT = tl.where(keep, pT, 0.0)
+        elif SEGMENTED:  # the same P as the forward: other segments' entries are exactly 0
+            pT = tl.where(seg_k[:, None] == tl.load(SEG + offs_m, mask=row_ok, other=0)[None, :], pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)
         dpT = tl.dot(v, tl.trans(do))  # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])
@@ -228,15 +303,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, qk_scale, offs_n, lo, nu
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "GROUP"])
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "GROUP", "SEGMENTED"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,  # inputs as in the forward
     DO,  # (B, H, T, HEAD_DIM) gradient of the output
     L, Delta,  # (B, H, T) fp32 from the forward and the preprocess
     DK, DV,  # (B, H_kv, T, HEAD_DIM) out, dtype of K
+    SEG,  # (B, T) segment ids (SEGMENTED only)
+    SEG_HI,  # (B, T) int32: no query after SEG_HI[j] shares key j's segment (SEGMENTED only)
     sm_scale, T,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    n_heads,  # H_kv: the batch row of program bh_kv is bh_kv // n_heads
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_N % BLOCK_M == 0)  # the diagonal spans whole query blocks
@@ -252,6 +330,15 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504
+    if SEGMENTED:
+        seg_row = (bh_kv // n_heads).to(tl.int64) * T
+        SEG = SEG + seg_row
+        seg_k = tl.load(SEG + offs_n, mask=col_ok, other=0)
+        # Query blocks wholly after the last query any key of this block may serve hold only other segments.
+        q_hi = tl.minimum(tl.max(tl.load(SEG_HI + seg_row + offs_n, mask=col_ok, other=0), 0) + 1, T)
+    else:
+        seg_k = offs_n  # unused
+        q_hi = T
     # GQA: a kv head's gradient is the sum over the query heads of its group. Looping over them here keeps
     # the sum in registers, writes dK/dV once in their own dtype and needs no (B, H, T, D) fp32 buffers
     # nor a torch reduction afterwards; the cost is GROUP x fewer programs, which at training shapes
@@ -262,21 +349,25 @@ def _attn_bwd_dkdv_kernel(
         Qh, DOh = Q + q_off, DO + q_off
         Lh, Deltah = L + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
         if CAUSAL:  # queries before start_n never see this block; the diagonal block needs the mask
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, Lh, Deltah, qk_scale, offs_n, start_n,
-                                          BLOCK_N // BLOCK_M, T, BLOCK_M, HEAD_DIM, CAUSAL, True)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, Lh, Deltah, SEG, qk_scale, offs_n,
+                                          start_n, BLOCK_N // BLOCK_M, T, BLOCK_M, HEAD_DIM, CAUSAL, SEGMENTED,
+                                          True)
             lo = start_n + BLOCK_N
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, Lh, Deltah, qk_scale, offs_n, lo,
-                                          tl.cdiv(T - lo, BLOCK_M), T, BLOCK_M, HEAD_DIM, CAUSAL, False)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, Lh, Deltah, SEG, qk_scale, offs_n,
+                                          lo, tl.cdiv(q_hi - lo, BLOCK_M), T, BLOCK_M, HEAD_DIM, CAUSAL,
+                                          SEGMENTED, False)
         else:  # only the ragged key block needs a mask (for keys past T)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, Lh, Deltah, qk_scale, offs_n, 0,
-                                          tl.cdiv(T, BLOCK_M), T, BLOCK_M, HEAD_DIM, CAUSAL, True)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, seg_k, Qh, DOh, Lh, Deltah, SEG, qk_scale, offs_n,
+                                          0, tl.cdiv(q_hi, BLOCK_M), T, BLOCK_M, HEAD_DIM, CAUSAL, SEGMENTED,
+                                          True)
     tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, qk_scale, offs_m, lo, hi, T,
-                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr):
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, seg_q, K, V, SEG, qk_scale, offs_m, lo, hi, T,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                       SEGMENTED: tl.constexpr, MASK: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -295,20 +386,25 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, qk_scale, offs_m, lo, hi, T
             keep = offs_n[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if SEGMENTED:
+                keep = keep & (seg_q[:, None] == tl.load(SEG + offs_n, mask=offs_n < T, other=0)[None, :])
             p = tl.where(keep, p, 0.0)
+        elif SEGMENTED:
+            p = tl.where(seg_q[:, None] == tl.load(SEG + offs_n)[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, L, Delta,  # as in the dK/dV kernel
     DQ,  # (B, H, T, HEAD_DIM) out, dtype of Q
-    sm_scale, T,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    SEG, SEG_LO,  # as in the forward
+    sm_scale, T, n_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -326,20 +422,57 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504
+    if SEGMENTED:  # as in the forward
+        seg_row = (bh // n_heads).to(tl.int64) * T
+        SEG = SEG + seg_row
+        seg_q = tl.load(SEG + offs_m, mask=row_ok, other=0)
+        lo = tl.min(tl.load(SEG_LO + seg_row + offs_m, mask=row_ok, other=T), 0) // BLOCK_N * BLOCK_N
+    else:
+        seg_q = offs_m  # unused
+        lo = 0
     if CAUSAL:
         off_band, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
     else:
         off_band, hi = (T // BLOCK_N) * BLOCK_N, T
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K + kv_off, V + kv_off, qk_scale, offs_m, 0, off_band, T,
-                            BLOCK_N, HEAD_DIM, CAUSAL, False)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K + kv_off, V + kv_off, qk_scale, offs_m, off_band, hi, T,
-                            BLOCK_N, HEAD_DIM, CAUSAL, True)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, seg_q, K + kv_off, V + kv_off, SEG, qk_scale, offs_m,
+                            lo, off_band, T, BLOCK_N, HEAD_DIM, CAUSAL, SEGMENTED, False)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, seg_q, K + kv_off, V + kv_off, SEG, qk_scale, offs_m,
+                            off_band, hi, T, BLOCK_N, HEAD_DIM, CAUSAL, SEGMENTED, True)
     tl.store(DQ + q_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers and autograd.
 # ----------------------------------------------------------------------------------------------------------
+
+
+class Segments(NamedTuple):
+    """Segment ids as the kernels read them, and the bounds that let them skip other segments' blocks."""
+
+    ids: torch.Tensor  # (B, T) int32 or int64, contiguous
+    first: torch.Tensor  # (B, T) int32: no position before first[b, i] holds ids[b, i]
+    last: torch.Tensor  # (B, T) int32: no position after last[b, i] holds ids[b, i]
+
+
+def segment_layout(segment_ids: torch.Tensor, q: torch.Tensor) -> Segments:
+    """Check (B, T) integer ids against q (B, H, T, D) and bound each id's positions.
+
+    In a row of non-decreasing ids equal ids form one run, so its start and end are exact bounds; any other row
+    gets the whole row (0, T - 1), which skips nothing and stays correct. A few element-wise ops, no sync.
+    """
+    _check_segments(segment_ids, q)
+    ids = segment_ids if segment_ids.dtype in (torch.int32, torch.int64) else segment_ids.to(torch.int64)
+    ids = ids.contiguous()
+    batch, seq_len = ids.shape
+    pos = torch.arange(seq_len, device=ids.device, dtype=torch.int32).expand(batch, seq_len)
+    same_as_next = ids[:, 1:] == ids[:, :-1]  # (B, T - 1)
+    edge = torch.zeros(batch, 1, dtype=torch.bool, device=ids.device)
+    run_start = torch.where(torch.cat([edge, same_as_next], 1), 0, pos).cummax(1).values
+    run_end = torch.where(torch.cat([same_as_next, edge], 1), seq_len - 1, pos).flip(1).cummin(1).values.flip(1)
+    sorted_row = (ids[:, 1:] >= ids[:, :-1]).all(1, keepdim=True)
+    first = torch.where(sorted_row, run_start, 0).to(torch.int32).contiguous()
+    last = torch.where(sorted_row, run_end, seq_len - 1).to(torch.int32).contiguous()
+    return Segments(ids, first, last)
 
 
 def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -356,40 +489,46 @@ def _check_triton_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> i
 
 
 def flash_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    segment_ids: torch.Tensor | Segments | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Run the forward kernel; returns O (B, H, T, D) and the log-sum-exp L (B, H, T) fp32, natural log."""
     group = _check_triton_inputs(q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, seq_len, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    seg = segment_layout(segment_ids, q) if isinstance(segment_ids, torch.Tensor) else segment_ids
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq_len, device=q.device, dtype=torch.float32)
+    ids, first = (seg.ids, seg.first) if seg is not None else (lse, lse)  # never read without SEGMENTED
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attn_fwd_kernel[grid](q, k, v, o, lse, scale, seq_len, GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal)
+    _attn_fwd_kernel[grid](q, k, v, o, lse, ids, first, scale, seq_len, heads,
+                           GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, SEGMENTED=seg is not None)
     return o, lse
 
 
 def flash_attention_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float,
+    causal: bool, scale: float, segments: Segments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients (dq, dk, dv) from the output gradient and what the forward saved (contiguous q, k, v, o)."""
     do = do.contiguous()
     batch, heads, seq_len, head_dim = q.shape
-    group = heads // k.shape[1]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
     delta = torch.empty_like(lse)
     pre_block = 16 if _INTERPRET else 128
     _attn_bwd_preprocess[(triton.cdiv(seq_len, pre_block), batch * heads)](
         o, do, delta, seq_len, HEAD_DIM=head_dim, BLOCK_M=pre_block
     )
+    seg = segments if segments is not None else Segments(lse, lse, lse)  # never read without SEGMENTED
+    flags = dict(GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal, SEGMENTED=segments is not None)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kv_grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * k.shape[1])  # noqa: E731
-    _attn_bwd_dkdv_kernel[kv_grid](q, k, v, do, lse, delta, dk, dv, scale, seq_len,
-                                   GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal)
+    kv_grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * kv_heads)  # noqa: E731
+    _attn_bwd_dkdv_kernel[kv_grid](q, k, v, do, lse, delta, dk, dv, seg.ids, seg.last, scale, seq_len, kv_heads,
+                                   **flags)
     q_grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attn_bwd_dq_kernel[q_grid](q, k, v, do, lse, delta, dq, scale, seq_len,
-                                GROUP=group, HEAD_DIM=head_dim, CAUSAL=causal)
+    _attn_bwd_dq_kernel[q_grid](q, k, v, do, lse, delta, dq, seg.ids, seg.first, scale, seq_len, heads, **flags)
     return dq, dk, dv
 
 
@@ -397,23 +536,30 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Fused attention whose backward recomputes P from the saved log-sum-exp instead of storing it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float | None):
+    def forward(ctx, q, k, v, causal: bool, scale: float | None, segment_ids: torch.Tensor | None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        o, lse = flash_attention_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        segments = segment_layout(segment_ids, q) if segment_ids is not None else None
+        o, lse = flash_attention_forward(q, k, v, causal, scale, segments)
+        ctx.save_for_backward(q, k, v, o, lse, *(segments or ()))  # segment ids and bounds: integers, no grad
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, *segments = ctx.saved_tensors
+        segments = Segments(*segments) if segments else None
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, segments)
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
-) -> torch.Tensor:
-    """Fused (causal) attention in Triton; q: (B, H, T, D), k, v: (B, H_kv, T, D), D in 16/32/64/128."""
-    return FlashAttentionFunction.apply(q, k, v, causal, scale)
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Fused (causal) attention in Triton; q: (B, H, T, D), k, v: (B, H_kv, T, D), D in 16/32/64/128.
+
+    segment_ids (B, T) integers, shared by all heads: query i attends key j only if their ids are equal (and
+    j <= i when causal); see causal_attention.
+    """
+    return FlashAttentionFunction.apply(q, k, v, causal, scale, segment_ids)

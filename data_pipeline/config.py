@@ -74,6 +74,10 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes reading training batches per rank (0: read in the training process)."""
 
+    packing: bool = True
+    """Fine-tuning data (from data_pipeline.prepare_sft): pack several samples into each sequence, attention
+    kept inside each sample; false gives every sample a sequence of its own."""
+
     mixture: str = ""
     """Comma-separated `prepared_dir:weight` pairs (e.g. "data/web:0.7,data/code:0.3"): each training batch
     comes from one corpus, drawn with these weights; empty means prepared_dir alone."""

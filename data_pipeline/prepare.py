@@ -416,8 +416,9 @@ def ensure_prepared(cfg: DataConfig) -> dict:
         return read_index(cfg.prepared_dir)
     out = Path(cfg.prepared_dir)
     existing = _read_index_json(out) if (out / INDEX_FILE).is_file() else None
-    if existing is not None and existing.get("external"):
-        # Shards indexed by data_pipeline.external: nothing here to prepare, the names checked as anywhere.
+    if existing is not None and (existing.get("external") or existing.get("kind") == "sft"):
+        # Shards indexed by data_pipeline.external, or fine-tuning data written by data_pipeline.prepare_sft:
+        # nothing here to prepare (never overwrite them with a pretraining corpus), the names checked as anywhere.
         return check_index(existing, str(out / INDEX_FILE))
     if cfg.prepare == "always":
         return prepare(cfg)  # replaces index.json whatever it said; removes only its own shard names

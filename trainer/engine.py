@@ -35,7 +35,9 @@ from trainer.timers import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (inputs, targets) for pretraining; packed fine-tuning samples add (loss_mask, segment_ids, positions).
+Batch = tuple[torch.Tensor, ...]
+PACKED_FIELDS = 5
 # The phase DeepSpeed's collectives are timed under; it overlaps backward and optimizer, not adds to them.
 COMMUNICATION = "communication"
 
@@ -109,6 +111,13 @@ def global_grad_norm(module: nn.Module) -> float:
         if dist.get_world_size(group) > 1:
             dist.all_reduce(squares, group=group)
     return squares.sqrt().item()
+
+
+def _to_device(value, device: torch.device):
+    """A tensor, or a tuple of them, on `device`."""
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    return value.to(device, non_blocking=True)
 
 
 def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
@@ -238,13 +247,14 @@ class Engine:
         self._last_grad_norm = None
         self._skipped = False
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses; stepping moves it on
+        micro_batches = self._model_inputs(batches, self.config.train.grad_accum_steps)
         if self.pipeline:
             # The pipeline engine pulls its micro-batches itself and returns their mean loss; its data
             # waits, forward/backward passes, transfers and optimizer step are one schedule.
             with self.timer.phase("pipeline"):
-                loss = self.ds.train_batch(data_iter=batches).detach().float()
+                loss = self.ds.train_batch(data_iter=micro_batches).detach().float()
         else:
-            loss = self._accumulate(batches)
+            loss = self._accumulate(micro_batches)
         tracked = self.ds.get_global_grad_norm()
         norm = float(tracked) if tracked is not None else self._last_grad_norm
         return StepResult(
@@ -265,11 +275,32 @@ class Engine:
         logger.comms_dict = {}
         return {COMMUNICATION: total_ms / 1000}
 
-    def _accumulate(self, batches: Iterator[Batch]) -> torch.Tensor:
+    def _model_inputs(self, batches: Iterator[Batch], count: int) -> Iterator[tuple]:
+        """The next `count` micro-batches as the model takes them, `(inputs, labels)`.
+
+        Pretraining batches pass through lazily. Packed samples are read together: their labels become
+        `(targets, weights)` with weights = loss mask x count x dp / valid tokens of the global batch (every
+        micro-batch of every dp replica), so that after DeepSpeed's mean over micro-batches and dp replicas
+        the loss is the mean over the valid tokens of the whole global batch, whatever the layout.
+        """
+        with self.timer.phase("data"):
+            first = next(batches)
+        if len(first) != PACKED_FIELDS:
+            return itertools.chain([first], itertools.islice(batches, count - 1))
+        with self.timer.phase("data"):
+            packed = [first, *itertools.islice(batches, count - 1)]
+            valid = sum(batch[2].sum() for batch in packed).float().to(self.topo.device)
+            if self.topo.dp > 1:
+                dist.all_reduce(valid, group=parallel_state.get_data_parallel_group())
+            scale = count * self.topo.dp / valid.clamp(min=1.0)
+        return iter([((ids, segments, positions), (targets, mask.to(scale.device) * scale))
+                     for ids, targets, mask, segments, positions in packed])
+
+    def _accumulate(self, batches: Iterator[tuple]) -> torch.Tensor:
         losses = []
         for _ in range(self.config.train.grad_accum_steps):
             with self.timer.phase("data"):
-                inputs, targets = (t.to(self.topo.device, non_blocking=True) for t in next(batches))
+                inputs, targets = (_to_device(t, self.topo.device) for t in next(batches))
             with self.timer.phase("forward"):
                 loss = self.ds(inputs, targets)
             # DeepSpeed divides by the accumulation count, so summed gradients are a mean. Gradient
@@ -284,13 +315,14 @@ class Engine:
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
         """Mean loss over the given batches (the same ones every time), averaged over dp."""
+        inputs = list(self._model_inputs(iter(batches), len(batches)))
         if self.pipeline:
-            loss = self.ds.eval_batch(data_iter=itertools.cycle(batches), num_micro_batches=len(batches))
+            loss = self.ds.eval_batch(data_iter=itertools.cycle(inputs), num_micro_batches=len(inputs))
             return self._mean_over_data_parallel(loss.detach().float())
         self.ds.eval()
         total = torch.zeros((), dtype=torch.float32)
-        for inputs, targets in batches:
-            total += self.ds(inputs.to(self.topo.device), targets.to(self.topo.device)).float().cpu()
+        for ids, labels in inputs:
+            total += self.ds(_to_device(ids, self.topo.device), _to_device(labels, self.topo.device)).float().cpu()
         self.ds.train()
         return self._mean_over_data_parallel(total / max(1, len(batches)))
 

@@ -17,7 +17,7 @@ from trainer.inference import ModelLoadError, ModelWeights, read_model_weights
 
 log = logging.getLogger(__name__)
 # What must agree between the weights and the run (name, dropout, initialisation and padding need not).
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "ffn_size", "bias", "layernorm_eps")
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "ffn_size", "bias", "layernorm_eps")
 
 
 def initialize_from(config: Config, engine: Engine, index: dict) -> None:
@@ -27,7 +27,7 @@ def initialize_from(config: Config, engine: Engine, index: dict) -> None:
         weights = read_model_weights(source)
     except ModelLoadError as err:
         raise ConfigError(f"train.init_from={source}: {err}") from None
-    check_same_shape(weights.config, config.model, source)
+    check_same_shape(weights, config.model, index["vocab_size"], source)
     check_same_tokenizer(weights, Path(config.data.prepared_dir) / index["tokenizer"], source)
     engine.load_weights(lambda name: _weight(weights, name, source))
     log.info("initialised from %s (%s): fresh optimizer and LR schedule, step 0, data from the start", source,
@@ -40,10 +40,18 @@ def _weight(weights: ModelWeights, name: str, source: str):
     return weights.weights[name]
 
 
-def check_same_shape(saved: ModelConfig, run: ModelConfig, source: str) -> None:
-    """Refuse weights of another shape, naming the first field that differs."""
+def check_same_shape(weights: ModelWeights, run: ModelConfig, run_vocab: int, source: str) -> None:
+    """Refuse weights of another shape, naming the first field that differs.
+
+    The run's vocabulary may extend the weights' (fine-tuning data adds its chat template's special tokens):
+    the rows the weights lack start at zero."""
+    if not weights.vocab_size <= run_vocab:
+        raise ConfigError(f"train.init_from={source} has {weights.vocab_size} tokens, more than this run's data "
+                          f"tokenizer ({run_vocab}): set data.tokenizer_path to the weights' tokenizer.json")
     for key in SHAPE_FIELDS:
-        theirs, ours = getattr(saved, key), getattr(run, key)
+        if key == "vocab_size":
+            continue  # checked above, against the data's actual vocabulary
+        theirs, ours = getattr(weights.config, key), getattr(run, key)
         if theirs != ours:
             name = "model.ffn_hidden_size" if key == "ffn_size" else f"model.{key}"
             raise ConfigError(f"train.init_from={source} has {name}={theirs!r}; this run has {name}={ours!r} "

@@ -4,6 +4,10 @@ Built from megatron-core's tensor-parallel layers, so the same model runs at tp=
 decides how wide each rank's shard is, never which code runs. The model is a flat sequence of layers
 (embedding, blocks, head) so the pipeline engine can cut it into stages.
 
+Packed fine-tuning batches hold several samples per row: the model then takes `(ids, segment_ids, positions)`
+instead of `ids`, keeps attention inside each sample, and the loss takes `(targets, weights)` (see
+`language_model_loss`). Through the pipeline the segment ids travel with the activations, `(h, segment_ids)`.
+
 Outside training (conversion, generation, evaluation) there is no process group: megatron-core's layers
 need one even at tp=1, so the model is then built from plain torch layers with the same parameter names,
 shapes and initial values (`Local*` below). Decoding passes a `KVCache` through `forward` (trainer/kv_cache.py).
@@ -200,14 +204,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = column_linear(cfg.n_embd, 3 * cfg.n_embd, _normal_init(cfg.init_std), cfg.bias, mp)
         self.proj = row_linear(cfg.n_embd, cfg.n_embd, _normal_init(residual_std), cfg.bias, mp)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd); with sequence parallelism every rank's chunk
         qkv = _chunks_to_sequence(qkv, self.sequence_chunks)
         batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh_local, T, hd)
         if cache is None:
-            y = causal_attention(q, k, v, self.attention_impl)
+            y = causal_attention(q, k, v, self.attention_impl, segment_ids=segment_ids)
         else:  # decoding: this call's tokens attend to the cached ones and to each other
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_dim)
@@ -248,8 +253,15 @@ class Block(nn.Module):
             mark_sequence_parallel(self.mlp.proj)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_attn(x), cache, self.layer_index))
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None):
+        """`x` is the residual stream (B, T, C), or `(h, segment_ids)` for packed samples (returned alike)."""
+        if isinstance(x, tuple):
+            h, segment_ids = x
+            return self._residual(h, cache, segment_ids), segment_ids
+        return self._residual(x, cache, None)
+
+    def _residual(self, x: torch.Tensor, cache: KVCache | None, segment_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_attn(x), cache, self.layer_index, segment_ids))
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
 
 
@@ -271,11 +283,15 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.sequence_parallel = sequence_parallel
 
-    def forward(self, x: torch.Tensor, output_layer: bool = False, positions: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """`positions` (B, T) default to 0..T-1; decoding passes each token's own (after the cached ones)."""
+    def forward(self, x: torch.Tensor | tuple, output_layer: bool = False, positions: torch.Tensor | None = None):
+        """`positions` (B, T) default to 0..T-1; decoding passes each token's own (after the cached ones).
+
+        Packed samples come as `(ids, segment_ids, positions)` and leave as `(h, segment_ids)`."""
         if output_layer:
             return _tied_logits(x, self.tokens, self.sequence_parallel)
+        if isinstance(x, tuple):
+            ids, segment_ids, positions = x
+            return self.forward(ids, positions=positions), segment_ids
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         h = self.dropout(self.tokens(x) + self.positions(positions))  # (B, T, C)
@@ -335,16 +351,30 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.ln_f = LayerNorm(cfg.n_embd, cfg.layernorm_eps, kernels.layernorm, sequence_parallel)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(h, tuple):  # packed samples: the segment ids are no longer needed
+            h = h[0]
         return self.ln_f(h)
 
 
-def language_model_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over vocab-parallel logits, computed in fp32."""
+def language_model_loss(vocab_parallel_logits: torch.Tensor,
+                        labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross entropy over vocab-parallel logits, computed in fp32.
+
+    `labels` is the targets (B, T): the mean over every token (pretraining). Or `(targets, weights)`: the sum of
+    each token's loss times its weight, where the engine has made the weights the loss mask divided by the
+    valid tokens of the whole global batch (times the micro-batches and dp replicas DeepSpeed averages over),
+    so that masked tokens do not count and every valid token weighs the same whatever the layout.
+    """
+    targets, weights = labels if isinstance(labels, tuple) else (labels, None)
+    logits = vocab_parallel_logits.float()
     if not tensor_parallel_active():  # a model built with no process group holds the whole vocabulary
-        return F.cross_entropy(vocab_parallel_logits.float().flatten(0, 1), targets.flatten())
-    losses = tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), targets)
-    return losses.mean()
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    else:
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits, targets)
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum()
 
 
 class GPT(nn.Module):
@@ -365,11 +395,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kernels, seed, i, sequence_parallel) for i in range(cfg.n_layer))
         self.head = FinalNorm(cfg, kernels, sequence_parallel)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-                ) -> torch.Tensor:
-        """The loss, or the logits (B, T, V/tp). With a `cache`, `idx` continues the cached tokens: their keys and
-        values are reused, this call's are added, and positions continue from where the cache stands."""
-        h = self.embedding(idx, positions=None if cache is None else cache.positions(idx.shape[1]))
+    def forward(self, idx: torch.Tensor | tuple, targets: torch.Tensor | tuple | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """The loss, or the logits (B, T, V/tp). `idx` and `targets` may be packed samples' tuples (see
+        `Embedding.forward` and `language_model_loss`). With a `cache`, `idx` continues the cached tokens: their
+        keys and values are reused, this call's are added, and positions continue from where the cache stands."""
+        if isinstance(idx, tuple):
+            h = self.embedding(idx)
+        else:
+            h = self.embedding(idx, positions=None if cache is None else cache.positions(idx.shape[1]))
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 h = checkpoint_block(block, h)
@@ -387,9 +421,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def checkpoint_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Run a block without keeping its activations; the backward pass recomputes them (RNG replayed)."""
-    return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+def checkpoint_block(block, *inputs):
+    """Run a block without keeping its activations; the backward pass recomputes them (RNG replayed).
+
+    `inputs` is the residual stream, or its tuple with the segment ids of packed samples (as the pipeline
+    engine passes them, unpacked)."""
+    return torch.utils.checkpoint.checkpoint(block, inputs[0] if len(inputs) == 1 else inputs, use_reentrant=False)
 
 
 @contextmanager

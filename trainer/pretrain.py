@@ -69,7 +69,8 @@ def check_data_source(data: DataConfig) -> None:
             index = json.loads(index_file.read_text())
         except ValueError:
             index = None
-        if isinstance(index, dict) and (index.get("external") or index.get("fingerprint") == fingerprint(data)):
+        if isinstance(index, dict) and (index.get("external") or index.get("kind") == "sft"
+                                        or index.get("fingerprint") == fingerprint(data)):
             return  # reused as it is: the source is not read
     try:
         sources = parse_sources(data.source)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from data_pipeline.config import parse_mixture
 from data_pipeline.mixture import MixtureStream
 from data_pipeline.prepare import ensure_prepared
+from data_pipeline.sft_stream import SFTStream, sft_eval_batches
 from data_pipeline.shards import read_index
 from data_pipeline.stream import StreamLoader, TokenStream, eval_batches
 from launch.rendezvous import slurm_job_text
@@ -109,6 +110,10 @@ def build_train_stream(config: Config, topo: Topology, index: dict):
         )
         return StreamLoader(tokens, pin_memory=topo.device.type == "cuda")
 
+    if index.get("kind") == "sft":
+        return SFTStream(config.data.prepared_dir, "train", config.seq_len, config.train.micro_batch_size,
+                         seed=config.data.seed, dp_rank=topo.dp_rank, dp_world_size=topo.dp,
+                         packing=config.data.packing)
     mixture = parse_mixture(config.data.mixture)
     if not mixture:
         return loader(config.data.prepared_dir)
@@ -126,9 +131,12 @@ def tokenizer_text(config: Config, index: dict) -> str:
 
 
 def check_vocabulary(config: Config, index: dict) -> None:
-    """The model preset fixes the vocabulary: refuse data tokenized to another size, naming both."""
+    """The model preset fixes the vocabulary: refuse data tokenized to another size, naming both.
+
+    Fine-tuning data may extend it: its tokenizer is the model's plus its chat template's special tokens
+    (`base_vocab_size` in its index), and the token table grows to hold them."""
     model, data = config.model, config.data
-    if index["vocab_size"] == model.vocab_size:
+    if model.vocab_size in (index["vocab_size"], index.get("base_vocab_size")):
         return
     origin = f"data.tokenizer_path={data.tokenizer_path}" if data.tokenizer_path else \
         f"the tokenizer trained for data.prepared_dir={data.prepared_dir}"
@@ -197,14 +205,15 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
     return Progress(step=saved.step, tokens_seen=saved.tokens_seen), path
 
 
-def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path, tokenizer_json: str):
+def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, root: Path, tokenizer_json: str,
+                      vocab_size: int):
     def save(progress: Progress) -> Path:
         state = TrainerState(
             step=progress.step,
             tokens_seen=progress.tokens_seen,
             layout=topo.layout,
             config=dataclasses.asdict(config),
-            vocab_size=config.model.vocab_size,
+            vocab_size=vocab_size,
         )
         path = save_checkpoint(
             root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints,
@@ -248,7 +257,7 @@ def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSumm
     index = _prepare_data(config, topo)
     check_vocabulary(config, index)
     _stop_if_preempted(preemption, Progress(), None)  # a safe point before the model is built
-    engine = Engine(build_model(config, config.model.vocab_size, topo), config, topo)
+    engine = Engine(build_model(config, index["vocab_size"], topo), config, topo)
     stream = build_train_stream(config, topo, index)
     try:
         return _train(config, topo, index, engine, stream, preemption)
@@ -266,8 +275,8 @@ def _stop_if_preempted(preemption: PreemptionWatch, progress: Progress, checkpoi
 def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
            preemption: PreemptionWatch) -> RunSummary:
     """Resume, train, write the final checkpoint, report."""
-    val = eval_batches(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size,
-                       config.train.eval_batches)
+    read_val = sft_eval_batches if index.get("kind") == "sft" else eval_batches
+    val = read_val(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size, config.train.eval_batches)
     run_dir = Path(config.train.run_dir)
     root = run_dir / "checkpoints"
     progress, resumed = _resume(config, topo, engine, stream, root)
@@ -276,8 +285,8 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     elif config.train.init_from:
         log.info("train.init_from=%s not used: the run continues from its own checkpoint", config.train.init_from)
     _stop_if_preempted(preemption, progress, resumed)  # the last safe point before training
-    save = _checkpoint_saver(config, topo, engine, stream, root, tokenizer_text(config, index))
-    padded_vocab = padded_vocab_size(config.model.vocab_size, config.model.pad_vocab_to_multiple, topo.tp)
+    save = _checkpoint_saver(config, topo, engine, stream, root, tokenizer_text(config, index), index["vocab_size"])
+    padded_vocab = padded_vocab_size(index["vocab_size"], config.model.pad_vocab_to_multiple, topo.tp)
     flops_per_token = model_flops_per_token(config.model, padded_vocab, config.seq_len)
     num_parameters = global_parameter_count(engine.module, topo)
     sink = MetricsSink(run_dir, config.logging, config.train.run_name, dataclasses.asdict(config), topo.is_main,
@@ -349,7 +358,7 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
         final_step=progress.step,
         train_loss=last_train,
         val_loss=result.val_losses[max(result.val_losses)],
-        unigram_entropy=index["train_unigram_entropy_nats"],
+        unigram_entropy=index.get("train_unigram_entropy_nats", float("nan")),
         checkpoint=str(checkpoint),
         tokens_seen=progress.tokens_seen,
         tokens_trained=result.tokens_trained,

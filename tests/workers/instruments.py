@@ -94,13 +94,14 @@ def full_gradients(saved: list[dict]) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def activation_shapes(out_file: Path) -> Iterator[None]:
-    """Record the shape of each input to `Block.forward` and `LayerNorm.forward`; write them as JSON."""
+    """Record the shape of each input to `Block.forward` and `LayerNorm.forward` (the residual stream of a
+    packed batch's `(h, segment_ids)`); write them as JSON."""
     seen: set[tuple[str, tuple[int, ...]]] = set()
     originals = {cls: cls.forward for cls in (trainer.model.Block, trainer.model.LayerNorm)}
 
     def recording(cls):
         def forward(module, x, *args, **kwargs):
-            seen.add((cls.__name__, tuple(x.shape)))
+            seen.add((cls.__name__, tuple((x[0] if isinstance(x, tuple) else x).shape)))
             return originals[cls](module, x, *args, **kwargs)
         return forward
 

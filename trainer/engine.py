@@ -285,9 +285,8 @@ class Engine:
         """
         with self.timer.phase("data"):
             first = next(batches)
-        if len(first) != PACKED_FIELDS:
-            return itertools.chain([first], itertools.islice(batches, count - 1))
-        with self.timer.phase("data"):
+            if len(first) != PACKED_FIELDS:
+                return itertools.chain([first], itertools.islice(batches, count - 1))
             packed = [first, *itertools.islice(batches, count - 1)]
             valid = sum(batch[2].sum() for batch in packed).float().to(self.topo.device)
             if self.topo.dp > 1:

@@ -8,7 +8,6 @@ prefill the prompts, then one token at a time (trainer/decoding.py drives it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -196,10 +195,3 @@ class CachedDecoder:
             raise RuntimeError("CachedDecoder.prefill must come first")
         return self.cache
 
-
-def describe(loaded: LoadedModel) -> str:
-    """One line: what was loaded, and where it runs."""
-    cfg = loaded.config
-    return json.dumps({"source": loaded.source, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                       "block_size": cfg.block_size, "vocab_size": loaded.vocab_size, "device": str(loaded.device),
-                       "dtype": str(loaded.dtype).removeprefix("torch.")})

@@ -49,8 +49,6 @@ def check_same_shape(weights: ModelWeights, run: ModelConfig, run_vocab: int, so
         raise ConfigError(f"train.init_from={source} has {weights.vocab_size} tokens, more than this run's data "
                           f"tokenizer ({run_vocab}): set data.tokenizer_path to the weights' tokenizer.json")
     for key in SHAPE_FIELDS:
-        if key == "vocab_size":
-            continue  # checked above, against the data's actual vocabulary
         theirs, ours = getattr(weights.config, key), getattr(run, key)
         if theirs != ours:
             name = "model.ffn_hidden_size" if key == "ffn_size" else f"model.{key}"

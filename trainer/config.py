@@ -195,6 +195,9 @@ class TrainConfig:
     """The step loop: batch shape, length, evaluation, checkpoints, precision, device."""
 
     max_steps: int = 600
+    # Passes over the training data (fine-tuning): when set, the run's length is this many epochs of the SFT
+    # prepared directory's train split and replaces max_steps.
+    epochs: Optional[int] = None  # noqa: UP045
     # Stop this process after this many steps (with a checkpoint); the LR schedule still spans max_steps.
     exit_after_steps: int | None = None
     micro_batch_size: int = 16
@@ -240,6 +243,8 @@ class TrainConfig:
             _require(getattr(self, key) > 0, f"train.{key}", "must be positive", getattr(self, key))
         for key in ("eval_interval", "checkpoint_interval", "keep_last_checkpoints"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)", getattr(self, key))
+        if self.epochs is not None:
+            _require(self.epochs > 0, "train.epochs", "must be positive (or null: train.max_steps)", self.epochs)
         if self.exit_after_steps is not None:
             _require(self.exit_after_steps > 0, "train.exit_after_steps", "must be positive", self.exit_after_steps)
         if self.seq_len is not None:
@@ -252,6 +257,42 @@ class TrainConfig:
         _require(0 < self.preemption_exit_code < 256, "train.preemption_exit_code", "must be in 1..255",
                  self.preemption_exit_code)
         parse_signals(self.preemption_signals)
+
+
+LORA_TARGETS = ("qkv", "attn_proj", "fc", "mlp_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters: W x + (alpha / rank) B A x on the chosen linear layers, the base weights frozen."""
+
+    # 0: no adapters (every parameter trains).
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Layers that get adapters: attention qkv and output projection, MLP up and down projections.
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "finetune.lora.rank", "must be >= 0 (0: no adapters)", self.rank)
+        _require(self.alpha > 0, "finetune.lora.alpha", "must be positive", self.alpha)
+        _require(0 <= self.dropout < 1, "finetune.lora.dropout", "must be in [0, 1)", self.dropout)
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _require(not unknown, "finetune.lora.targets", f"unknown layers {unknown}; choose from {list(LORA_TARGETS)}",
+                 list(self.targets))
+        _require(not self.rank or bool(self.targets), "finetune.lora.targets", "must name at least one layer",
+                 list(self.targets))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass
+class FinetuneConfig:
+    """What fine-tuning changes about the model: adapters (LoRA) or, by default, none (full fine-tuning)."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -380,6 +421,7 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         seq_len = self.seq_len

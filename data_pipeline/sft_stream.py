@@ -216,6 +216,10 @@ class SFTStream:
         """Rows of the epoch's plan (packing=False: the number of samples)."""
         return self._plan(epoch).n_rows
 
+    def rows_in_epochs(self, epochs: int) -> int:
+        """Rows of epochs 0 .. epochs - 1 together: what `epochs` passes over the split take."""
+        return sum(self.rows_in_epoch(epoch) for epoch in range(epochs))
+
     # --- samples and rows ---------------------------------------------------------------------------
     def _sample(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """Ids and mask of global sample g (its shard loaded on first use and kept)."""

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,9 +38,16 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def train(cfg: DictConfig) -> None:
     """Validate the composed config, then pretrain; bad input ends with one line naming the problem."""
+    run_job(cfg)
+
+
+def run_job(cfg: DictConfig, check: Callable[[Config], None] | None = None) -> None:
+    """One Hydra job of an entry point: validate the composed config (and `check` it), then run it."""
     started = time.perf_counter()
     try:
         config = to_config(cfg)
+        if check is not None:
+            check(config)
         check_data_source(config.data)
         check_tokenizer_path(config)
     except (ConfigError, SourceError, FileNotFoundError) as err:
@@ -150,14 +158,15 @@ def exit_config_error(err: Exception) -> NoReturn:
     sys.exit(2)
 
 
-def main() -> None:
-    """`python -m trainer.pretrain`: Hydra parses the command line and runs `train`, once or per sweep point."""
+def main(job: Callable[[], None] = train) -> None:
+    """`python -m trainer.pretrain`: Hydra parses the command line and runs `job` (`train`, or another entry
+    point's Hydra main), once or per sweep point."""
     # With HYDRA_FULL_ERROR=1 Hydra raises what it refuses instead of printing several lines and exiting
     # with status 1; a user who set it gets the full trace as asked.
     full_trace = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        train()
+        job()
     except (HydraException, OmegaConfBaseException) as err:
         if full_trace:
             raise

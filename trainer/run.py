@@ -147,6 +147,29 @@ def check_vocabulary(config: Config, index: dict) -> None:
     )
 
 
+def with_epochs(config: Config, index: dict) -> Config:
+    """The config with train.max_steps = the steps train.epochs passes over the SFT train split take
+    (SFTStream's row plan, the last step rounded up); unchanged when train.epochs is not set."""
+    train = config.train
+    if train.epochs is None:
+        return config
+    if index.get("kind") != "sft":
+        raise ConfigError(f"train.epochs={train.epochs}: counts passes over fine-tuning data, and "
+                          f"data.prepared_dir={config.data.prepared_dir} holds pretraining data: set train.max_steps "
+                          "instead (and train.epochs=null)")
+    stream = SFTStream(config.data.prepared_dir, "train", config.seq_len, train.micro_batch_size,
+                       seed=config.data.seed, packing=config.data.packing)
+    rows = stream.rows_in_epochs(train.epochs)
+    rows_per_step = train.micro_batch_size * train.grad_accum_steps * config.parallel.dp
+    max_steps = -(-rows // rows_per_step)
+    if config.optim.warmup_steps > max_steps:
+        raise ConfigError(f"optim.warmup_steps={config.optim.warmup_steps}: must be <= the {max_steps} steps of "
+                          f"train.epochs={train.epochs} ({rows:,} rows, {rows_per_step} per step)")
+    log.info("train.epochs=%d: %s rows of %d tokens, %d per step: train.max_steps=%d", train.epochs, f"{rows:,}",
+             config.seq_len, rows_per_step, max_steps)
+    return dataclasses.replace(config, train=dataclasses.replace(train, max_steps=max_steps))
+
+
 def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
     """Refuse a checkpoint of another model, naming the differences (the layout may differ)."""
     saved_model = saved.config.get("model")
@@ -256,6 +279,7 @@ def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSumm
     Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)
     index = _prepare_data(config, topo)
     check_vocabulary(config, index)
+    config = with_epochs(config, index)  # before anything reads train.max_steps
     _stop_if_preempted(preemption, Progress(), None)  # a safe point before the model is built
     engine = Engine(build_model(config, index["vocab_size"], topo), config, topo)
     stream = build_train_stream(config, topo, index)

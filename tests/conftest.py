@@ -13,12 +13,14 @@ if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVIC
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
+import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from data_pipeline.config import DataConfig  # noqa: E402
 from data_pipeline.prepare import prepare  # noqa: E402
+from data_pipeline.prepare_sft import SFTOptions, prepare_sft  # noqa: E402
 from trainer.config import Config, compose_config  # noqa: E402
 
 # A model and batch small enough that a training step takes milliseconds on the CPU.
@@ -93,3 +95,29 @@ def small_run(small_corpus, tmp_path):
         ])
 
     return build
+
+
+WORDS = "x y z i j k n def if for in is not and or return".split()  # a token or two each
+
+
+def write_records(path: Path, count: int, seed: int = 0) -> Path:
+    """Prompt/response records: prompts of 1-6 words, responses of 1-10, so valid-token counts vary widely
+    (and two or three samples share a 32-token row)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
+        response = " ".join(rng.choices(WORDS, k=rng.randint(1, 10)))
+        lines.append(json.dumps({"prompt": prompt, "response": response}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_data(small_corpus, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sft")
+    records = write_records(root / "records.jsonl", 240)
+    out = root / "prepared"
+    prepare_sft(SFTOptions(sources=[str(records)], out=str(out), tokenizer=str(small_corpus / "tokenizer.json"),
+                           max_length=33, val_fraction=0.2))
+    return out

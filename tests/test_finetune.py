@@ -1,20 +1,19 @@
 """Fine-tuning on the pretraining engine: masked prompts, packed samples, the loss over a global batch's valid
 tokens, at every layout, from an imported GPT-2.
 
-The fine-tuning data is prepared once per session by `data_pipeline.prepare_sft` from generated prompt/response
-records of very different lengths, with the small corpus's tokenizer (512 tokens; the chat template adds 3).
+The fine-tuning data (`sft_data`, tests/conftest.py) is prepared once per session by `data_pipeline.prepare_sft`
+from generated prompt/response records of very different lengths, with the small corpus's tokenizer (512 tokens;
+the chat template adds 3).
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_pipeline.prepare_sft import SFTOptions, prepare_sft
 from data_pipeline.sft_stream import SFTStream
 from tests.conftest import SMALL_RUN, compose_config
 from tests.test_init_from import hf_gpt2_directory
@@ -32,32 +31,6 @@ from trainer.model import GPT
 from trainer.run import run
 
 STEPS = 3
-WORDS = "x y z i j k n def if for in is not and or return".split()  # a token or two each
-
-
-def write_records(path: Path, count: int, seed: int = 0) -> Path:
-    """Prompt/response records: prompts of 1-6 words, responses of 1-10, so valid-token counts vary widely
-    (and two or three samples share a 32-token row)."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        prompt = " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
-        response = " ".join(rng.choices(WORDS, k=rng.randint(1, 10)))
-        lines.append(json.dumps({"prompt": prompt, "response": response}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def sft_data(small_corpus, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sft")
-    records = write_records(root / "records.jsonl", 240)
-    out = root / "prepared"
-    prepare_sft(SFTOptions(sources=[str(records)], out=str(out), tokenizer=str(small_corpus / "tokenizer.json"),
-                           max_length=33, val_fraction=0.2))
-    return out
-
-
 def sft_args(sft_data: Path) -> list[str]:
     return [*SMALL_RUN, CLIP, f"data.prepared_dir={sft_data}", "model.vocab_size=512", "train.eval_interval=0",
             "train.checkpoint_interval=0", f"train.max_steps={STEPS}"]

@@ -15,7 +15,7 @@ from data_pipeline.sft_stream import SFTStream
 from data_pipeline.shards import read_index
 from tests.conftest import SMALL_RUN, logged, small_corpus_args
 from tests.test_cli import config_error_line
-from tests.test_finetune import sft_args, sft_data  # noqa: F401 - the session's fine-tuning data
+from tests.test_finetune import sft_args
 from trainer.config import CONF_DIR, ConfigError, compose_config, register_configs, to_config
 from trainer.finetune import check_finetune
 from trainer.optim import lr_at
@@ -25,7 +25,7 @@ EPOCHS, MICRO_BATCH = 2, 16
 NO_RUN = "train.run_dir=unused"  # composed and validated only: never run
 
 
-def test_epochs_set_the_run_length(sft_data, tmp_path, one_thread):  # noqa: F811
+def test_epochs_set_the_run_length(sft_data, tmp_path, one_thread):
     """train.epochs=2 trains ceil(rows of epochs 0 and 1 / rows per step) steps, whatever train.max_steps says,
     and the schedule, the checkpoint and the data position all see that length."""
     config = compose_config([*sft_args(sft_data), f"train.epochs={EPOCHS}", f"train.micro_batch_size={MICRO_BATCH}",

@@ -66,6 +66,8 @@ class TrainerState:
     vocab_size: int = 0
     # Weights only (an imported model): no optimizer, random-generator or data files.
     weights_only: bool = False
+    # LoRA: the files hold the adapters only; this names their base model (trainer.lora.AdapterRecord).
+    adapters: dict | None = None
 
 
 def step_dir_name(step: int) -> str:
@@ -410,8 +412,9 @@ def _prune(root: Path, keep_last: int, newest: int) -> None:
 
 # The type of each field of trainer_state.json (vocab_size and weights_only are absent from early checkpoints).
 _STATE_TYPES = {"step": int, "tokens_seen": int, "layout": dict, "config": dict, "vocab_size": int,
-                "weights_only": bool}
-_OPTIONAL_STATE_FIELDS = ("vocab_size", "weights_only")
+                "weights_only": bool, "adapters": dict}
+_OPTIONAL_STATE_FIELDS = ("vocab_size", "weights_only", "adapters")
+_NULLABLE_STATE_FIELDS = ("adapters",)
 
 
 def load_trainer_state(path: Path) -> TrainerState:
@@ -437,6 +440,8 @@ def _state_problem(raw: Any) -> str | None:
     for key, kind in _STATE_TYPES.items():
         if key not in raw and key not in _OPTIONAL_STATE_FIELDS:
             return f"no {key!r}"
+        if key in _NULLABLE_STATE_FIELDS and raw.get(key) is None:
+            continue
         if key in raw and (not isinstance(raw[key], kind) or (isinstance(raw[key], bool) and kind is not bool)):
             return f"{key!r} is {raw[key]!r}, not {'an' if kind is int else 'a'} {kind.__name__}"
     sizes = [raw["layout"].get(axis) for axis in ("tp", "pp", "dp")]

@@ -4,6 +4,7 @@
                                                              tokenizer.json: `train.init_from` and inference take it
     python -m trainer.convert to-hf CKPT --out HF_DIR        a checkpoint of any layout (or an HF directory) as a
                                                              directory `transformers` loads with from_pretrained
+        [--base BASE]                                        a LoRA checkpoint: its adapters merged into BASE
 
 A problem is one line on stderr and exit status 2.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from trainer.checkpoint import CheckpointError, TrainerState, write_weights_checkpoint
 from trainer.hf_gpt2 import HfExportError, read_hf_directory, write_hf_directory
-from trainer.inference import ModelLoadError, ModelWeights, build_model, read_model_weights
+from trainer.inference import ModelLoadError, ModelWeights, add_base_argument, build_model, read_model_weights
 from trainer.sharded_state import partition_dim
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ def from_hf(hf_dir: Path, out: Path) -> Path:
     return write_weights_checkpoint(out, state, tensors, dims, weights.tokenizer_json)
 
 
-def to_hf(checkpoint: Path, out: Path) -> Path:
-    """Write the checkpoint at `checkpoint` (any layout) as a Hugging Face GPT-2 directory at `out`."""
-    weights: ModelWeights = read_model_weights(checkpoint)
+def to_hf(checkpoint: Path, out: Path, base: Path | None = None) -> Path:
+    """Write the checkpoint at `checkpoint` (any layout; LoRA adapters merged into `base`) as a Hugging Face
+    GPT-2 directory at `out`."""
+    weights: ModelWeights = read_model_weights(checkpoint, base)
     if weights.tokenizer_json is None:
         log.warning("%s has no tokenizer.json: %s is written without tokenizer files (AutoTokenizer will not "
                     "load it; copy in the tokenizer the model was trained with)", checkpoint, out)
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     exports = commands.add_parser("to-hf", help="a checkpoint as a Hugging Face GPT-2 directory")
     exports.add_argument("checkpoint", type=Path, help="a checkpoint directory (runs/<name>/checkpoints/step_N)")
     exports.add_argument("--out", type=Path, required=True, help="the directory to write (must not exist, or be empty)")
+    add_base_argument(exports)
     return parser
 
 
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     source = args.hf_dir if args.command == "from-hf" else args.checkpoint
     try:
-        written = from_hf(source, args.out) if args.command == "from-hf" else to_hf(source, args.out)
+        written = from_hf(source, args.out) if args.command == "from-hf" else to_hf(source, args.out, args.base)
     except (ModelLoadError, CheckpointError, HfExportError, OSError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

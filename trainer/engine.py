@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from trainer.checkpoint import CheckpointReader, ShardState
 from trainer.config import Config, ConfigError
+from trainer.lora import AdapterRecord, add_adapters, is_adapter_parameter
 from trainer.model import GPT
 from trainer.optim import build_optimizer, build_scheduler, param_groups
 from trainer.parallel.pipeline import build_pipeline
@@ -121,15 +122,20 @@ def _to_device(value, device: torch.device):
 
 
 def build_model(config: Config, vocab_size: int, topo: Topology) -> nn.Module:
-    """The GPT for this rank: the whole model (pp = 1) or its pipeline stage (pp > 1)."""
+    """The GPT for this rank: the whole model (pp = 1) or its pipeline stage (pp > 1), with LoRA adapters
+    (and everything else frozen) when `finetune.lora.rank` > 0."""
     if config.parallel.sequence_parallel and not sequence_parallel_supported(topo.device):
         raise ConfigError("parallel.sequence_parallel=true needs CUDA: megatron-core's sequence-parallel "
                           "layers allocate their buffers on the current CUDA device; turn it off on the CPU")
     if topo.pp > 1:
-        return build_pipeline(config, vocab_size, topo)
-    return GPT(config.model, config.kernels, vocab_size, config.train.seed,
-               activation_checkpointing=config.train.activation_checkpointing,
-               sequence_parallel=config.parallel.sequence_parallel)
+        model = build_pipeline(config, vocab_size, topo)
+    else:
+        model = GPT(config.model, config.kernels, vocab_size, config.train.seed,
+                    activation_checkpointing=config.train.activation_checkpointing,
+                    sequence_parallel=config.parallel.sequence_parallel)
+    if config.finetune.lora.enabled:
+        add_adapters(model, config.finetune.lora, config.model, config.train.seed, config.parallel.sequence_parallel)
+    return model
 
 
 def optimizer_checks_overflow(engine) -> bool:
@@ -177,6 +183,8 @@ class Engine:
         )
         self._last_grad_norm: float | None = None
         self._skipped = False
+        # Under LoRA, the base model the adapters sit on (set when its weights are loaded); saved with them.
+        self.adapters: AdapterRecord | None = None
         self._guard_updates()
         self.timer = PhaseTimer(topo.device)
 
@@ -343,14 +351,17 @@ class Engine:
             self.scheduler.step()
 
     def load_weights(self, read: Callable[[str], torch.Tensor]) -> None:
-        """Set the weights from full single-process tensors (`read(name)`), with fresh Adam moments and step 0."""
+        """Set the model's weights from full single-process tensors (`read(name)`), with fresh Adam moments and
+        step 0. Under LoRA these are the frozen base weights: the adapters and the optimizer are left alone."""
 
         def weights_and_zero_moments(key: str) -> torch.Tensor:
             kind, _, name = key.rpartition("/")
             return torch.zeros_like(read(name)) if kind else read(key)
 
+        lora = self.config.finetune.lora.enabled
         apply_full_state(self.ds, self.config.model.n_layer, self.pipeline, weights_and_zero_moments,
-                         self.topo.tp_rank, self.topo.tp, step=0)
+                         self.topo.tp_rank, self.topo.tp, step=None if lora else 0,
+                         select=lambda name, _: not is_adapter_parameter(name))
 
     def _mean_over_data_parallel(self, value: torch.Tensor) -> float:
         value = value.detach().float().to(self.topo.device)

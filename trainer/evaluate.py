@@ -49,7 +49,7 @@ from data_pipeline.prepare import INDEX_FILE, TOKENIZER_FILE, atomic_write_bytes
 from data_pipeline.shards import load_shard, read_index, shard_url
 from data_pipeline.sources import BadInputLog, file_documents
 from data_pipeline.tokenizer import encode_with_eot, load_tokenizer
-from trainer.inference import LoadedModel, load_model
+from trainer.inference import LoadedModel, add_base_argument, load_model
 
 DEFAULT_BATCH_SIZE = 8
 TEXT_FIELD = "text"
@@ -227,6 +227,7 @@ def metrics(totals: Totals) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="a checkpoint directory or a Hugging Face GPT-2 directory")
+    add_base_argument(parser)
     parser.add_argument("--data", nargs="+", required=True,
                         help="a prepared directory, or text files (several, or comma-separated)")
     parser.add_argument("--split", choices=("val", "train"), default="val", help="split of a prepared directory")
@@ -280,7 +281,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     paths = data_paths(args.data)
     if args.out is not None and not args.out.parent.is_dir():
         raise EvalError(f"--out {args.out}: no such directory {args.out.parent}")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, base=args.base)
     seq_len, max_windows = check_sizes(args, loaded.config.block_size)
     chunks, tokenizer, split = data_stream(args, loaded, paths)
     byte_level = is_byte_level(tokenizer)

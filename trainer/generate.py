@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.decoding import GenerationSettings, InvalidSetting, generate
-from trainer.inference import CachedDecoder, LoadedModel, ModelLoadError, load_model
+from trainer.inference import CachedDecoder, LoadedModel, ModelLoadError, add_base_argument, load_model
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p")
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("model", type=Path, help="a checkpoint directory or a Hugging Face GPT-2 directory")
+    add_base_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (may be given several times)")
     parser.add_argument("--prompts", type=Path, help='a JSONL file: one {"prompt": "..."} per line')
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per completion at most")
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = gather_prompts(args)
         settings = settings_from_args(args)
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, base=args.base)
         eos = None if args.ignore_eos else loaded.eot_id
         settings = replace(settings, eos_token_id=eos)
         prompts = encode_prompts(texts, loaded, settings.max_new_tokens)

@@ -2,7 +2,9 @@
 
 `load_model(path)` takes a checkpoint directory of any layout (ours, or a weights-only one from
 `trainer.convert from-hf`) or a Hugging Face GPT-2 directory, and returns the single-process GPT (the same
-parameter names as in training) with its tokenizer. `CachedDecoder` runs it for decoding with a KV cache:
+parameter names as in training) with its tokenizer. A LoRA checkpoint holds adapters only: its base model is
+named by the caller (`base`, the `--base` flag), checked against the fingerprint the checkpoint recorded, and the
+adapters are merged into its weights. `CachedDecoder` runs it for decoding with a KV cache:
 prefill the prompts, then one token at a time (trainer/decoding.py drives it).
 """
 
@@ -18,9 +20,11 @@ from data_pipeline.tokenizer import EOT_TOKEN, tokenizer_from_json
 from trainer.checkpoint import STATE_FILE, CheckpointError, CheckpointReader
 from trainer.config import ConfigError, KernelsConfig, ModelConfig
 from trainer.kv_cache import KVCache
+from trainer.lora import adapter_record, merge_adapters, weights_fingerprint
 from trainer.model import GPT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKEN_TABLE = "embedding.tokens.weight"
 
 
 class ModelLoadError(ValueError):
@@ -57,8 +61,9 @@ def is_hf_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / STATE_FILE).is_file()
 
 
-def read_model_weights(path: str | Path) -> ModelWeights:
-    """The weights and shape held by a checkpoint directory or a Hugging Face GPT-2 directory."""
+def read_model_weights(path: str | Path, base: str | Path | None = None) -> ModelWeights:
+    """The weights and shape held by a checkpoint directory or a Hugging Face GPT-2 directory; for a LoRA
+    checkpoint, the weights of `base` with its adapters merged in."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such directory (expected a checkpoint or a Hugging Face GPT-2 directory)")
@@ -68,10 +73,10 @@ def read_model_weights(path: str | Path) -> ModelWeights:
         return read_hf_directory(path)
     if not (path / STATE_FILE).is_file():
         raise ModelLoadError(f"{path}: neither a checkpoint ({STATE_FILE}) nor a Hugging Face directory (config.json)")
-    return _checkpoint_weights(path)
+    return _checkpoint_weights(path, base)
 
 
-def _checkpoint_weights(path: Path) -> ModelWeights:
+def _checkpoint_weights(path: Path, base: str | Path | None) -> ModelWeights:
     from trainer.export import consolidated_weights  # noqa: PLC0415
 
     try:
@@ -80,9 +85,42 @@ def _checkpoint_weights(path: Path) -> ModelWeights:
         vocab = reader.state.vocab_size
         if vocab <= 0:
             raise ModelLoadError(f"{path / STATE_FILE}: records no vocab_size (saved by an older version)")
-        return ModelWeights(config, vocab, consolidated_weights(reader), reader.tokenizer_json(), "checkpoint")
+        weights = consolidated_weights(reader)
+        if reader.state.adapters is not None:
+            weights = _merged_into_base(weights, reader, base)
+            # The run's vocabulary may extend the base's (a chat template's tokens): those rows stayed zero.
+            table = weights[TOKEN_TABLE]
+            weights[TOKEN_TABLE] = _pad_vocab_rows(table, torch.Size([vocab, table.shape[1]]))
+        return ModelWeights(config, vocab, weights, reader.tokenizer_json(), "checkpoint")
     except CheckpointError as err:
         raise ModelLoadError(str(err)) from None
+
+
+def _merged_into_base(adapters: dict[str, torch.Tensor], reader: CheckpointReader,
+                      base: str | Path | None) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters folded into the weights of the base the caller names (checked against the
+    fingerprint the checkpoint recorded). The recorded path is only quoted, never read: the caller decides."""
+    try:
+        record = adapter_record(reader.state.adapters, f"{reader.path / STATE_FILE}")
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    if base is None:
+        raise ModelLoadError(f"{reader.path} holds LoRA adapters (rank {record.rank}) trained over {record.base}: "
+                             f"name that base model with --base {record.base}")
+    base_weights = read_model_weights(base).weights
+    if (found := weights_fingerprint(base_weights)) != record.base_fingerprint:
+        raise ModelLoadError(f"--base {base}: not the weights the adapters of {reader.path} were trained over "
+                             f"(fingerprint {found}, the checkpoint records {record.base_fingerprint} of {record.base})")
+    try:
+        return merge_adapters(base_weights, adapters, record.scale)
+    except KeyError as err:
+        raise ModelLoadError(f"{reader.path}: {err.args[0]}") from None
+
+
+def add_base_argument(parser) -> None:
+    """`--base DIR` on a command that loads a model: the base model of a LoRA checkpoint."""
+    parser.add_argument("--base", type=Path, help="for a LoRA checkpoint: its base model (the run's train.init_from), "
+                                                  "into whose weights the adapters are merged")
 
 
 def model_config_from_dict(saved: object, where: str) -> ModelConfig:
@@ -127,7 +165,7 @@ def build_model(weights: ModelWeights, kernels: KernelsConfig | None = None) -> 
         raise ModelLoadError(f"{weights.source}: unexpected tensor {extra[0]!r}" + _more(extra))
     for name, tensor in weights.weights.items():
         target = state[name]
-        value = _pad_vocab_rows(tensor, target.shape) if name == "embedding.tokens.weight" else tensor
+        value = _pad_vocab_rows(tensor, target.shape) if name == TOKEN_TABLE else tensor
         if value.shape != target.shape:
             raise ModelLoadError(f"{weights.source}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
                                  f"needs {tuple(target.shape)}")
@@ -147,11 +185,12 @@ def _pad_vocab_rows(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto",
-               kernels: KernelsConfig | None = None) -> LoadedModel:
-    """A checkpoint or Hugging Face GPT-2 directory as a model ready to run on `device` in `dtype`."""
+               kernels: KernelsConfig | None = None, base: str | Path | None = None) -> LoadedModel:
+    """A checkpoint or Hugging Face GPT-2 directory as a model ready to run on `device` in `dtype` (`base`: the
+    base model of a LoRA checkpoint)."""
     target = resolve_device(device)
     precision = resolve_dtype(dtype, target)
-    weights = read_model_weights(path)
+    weights = read_model_weights(path, base)
     model = build_model(weights, kernels).to(device=target, dtype=precision)
     tokenizer = tokenizer_from_json(weights.tokenizer_json) if weights.tokenizer_json else None
     eot = tokenizer.token_to_id(EOT_TOKEN) if tokenizer else None

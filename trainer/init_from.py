@@ -3,6 +3,9 @@
 The weights come from a checkpoint of any layout, a weights-only checkpoint (`trainer.convert from-hf`) or a
 Hugging Face GPT-2 directory. The model's shape must be the run's, and the tokenizer the weights were trained
 with must be the one the run's data was tokenized with; each mismatch is one line naming the field.
+
+Under LoRA (`finetune.lora.rank` > 0) these weights are the frozen base: they are loaded whether the adapters
+start fresh or resume, and a resumed run checks they are the very weights its adapters were trained on.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import json
 import logging
 from pathlib import Path
 
+from trainer.checkpoint import STATE_FILE, CheckpointError
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.engine import Engine
 from trainer.inference import ModelLoadError, ModelWeights, read_model_weights
+from trainer.lora import AdapterRecord, adapter_record, weights_fingerprint
 
 log = logging.getLogger(__name__)
 # What must agree between the weights and the run (name, dropout, initialisation and padding need not).
@@ -30,6 +35,13 @@ def initialize_from(config: Config, engine: Engine, index: dict) -> None:
     check_same_shape(weights, config.model, index["vocab_size"], source)
     check_same_tokenizer(weights, Path(config.data.prepared_dir) / index["tokenizer"], source)
     engine.load_weights(lambda name: _weight(weights, name, source))
+    lora = config.finetune.lora
+    if lora.enabled:
+        engine.adapters = AdapterRecord(source, weights_fingerprint(weights.weights), lora.rank, lora.alpha,
+                                        list(lora.targets))
+        log.info("LoRA rank %d on %s over the frozen weights of %s (%s)", lora.rank, ", ".join(lora.targets),
+                 source, weights.source)
+        return
     log.info("initialised from %s (%s): fresh optimizer and LR schedule, step 0, data from the start", source,
              weights.source)
 
@@ -72,3 +84,19 @@ def _bpe_tables(tokenizer_json: str) -> tuple[dict, list]:
     model = json.loads(tokenizer_json).get("model", {})
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     return model.get("vocab", {}), merges
+
+
+def check_adapter_base(saved: dict, current: AdapterRecord | None, checkpoint: Path) -> None:
+    """Refuse to resume adapters over other base weights than the ones they were trained on."""
+    try:
+        record = adapter_record(saved, f"{checkpoint / STATE_FILE}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if current is None:
+        raise CheckpointError(f"{checkpoint} holds LoRA adapters over {record.base}: resume it with "
+                              f"finetune.lora.rank={record.rank} and train.init_from={record.base}")
+    if current.base_fingerprint != record.base_fingerprint:
+        raise CheckpointError(
+            f"{checkpoint} holds LoRA adapters trained over the weights of {record.base} (fingerprint "
+            f"{record.base_fingerprint}); train.init_from={current.base} holds other weights ({current.base_fingerprint}): "
+            "point train.init_from at the base the adapters were trained on")

@@ -48,7 +48,7 @@ def _tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size() if tensor_parallel_active() else 1
 
 
-def _mark_split(param: nn.Parameter, dim: int) -> None:
+def mark_split(param: nn.Parameter, dim: int) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = dim
     param.partition_stride = 1
@@ -67,9 +67,9 @@ class LocalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # The dimension megatron's layer splits over tp (0: outputs, 1: inputs), marked as megatron marks it,
         # so that checkpoints written from this model record it too.
-        _mark_split(self.weight, split_dim)
+        mark_split(self.weight, split_dim)
         if self.bias is not None and split_dim == 0:
-            _mark_split(self.bias, 0)
+            mark_split(self.bias, 0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return F.linear(x, self.weight, self.bias), None
@@ -82,7 +82,7 @@ class LocalEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, width))
         init_method(self.weight.data)
-        _mark_split(self.weight, 0)
+        mark_split(self.weight, 0)
         self.vocab_start_index = 0
         self.num_embeddings_per_partition = num_embeddings
 
@@ -104,6 +104,12 @@ def row_linear(in_features: int, out_features: int, init_method, bias: bool, mp:
         return LocalLinear(in_features, out_features, init_method, bias, split_dim=1)
     return tensor_parallel.RowParallelLinear(in_features, out_features, config=mp, init_method=init_method,
                                              bias=bias, input_is_parallel=True, skip_bias_add=False)
+
+
+def adapted(layer: nn.Module, adapter: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's output, plus its LoRA adapter's when fine-tuning gave it one (trainer/lora.py)."""
+    out, _ = layer(x)
+    return out if adapter is None else out + adapter(x)
 
 
 def _parallel_config(sequence_parallel: bool = False) -> ModelParallelConfig | None:
@@ -203,10 +209,11 @@ class CausalSelfAttention(nn.Module):
         # holds whole heads with their q, k and v together.
         self.qkv = column_linear(cfg.n_embd, 3 * cfg.n_embd, _normal_init(cfg.init_std), cfg.bias, mp)
         self.proj = row_linear(cfg.n_embd, cfg.n_embd, _normal_init(residual_std), cfg.bias, mp)
+        self.qkv_lora = self.proj_lora = None  # LoRA adapters, when fine-tuning adds them
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        qkv, _ = self.qkv(x)  # (B, T, local_heads * 3 * hd); with sequence parallelism every rank's chunk
+        qkv = adapted(self.qkv, self.qkv_lora, x)  # (B, T, local_heads * 3 * hd); with sequence parallelism every rank's chunk
         qkv = _chunks_to_sequence(qkv, self.sequence_chunks)
         batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, self.local_heads, 3, self.head_dim)
@@ -216,8 +223,7 @@ class CausalSelfAttention(nn.Module):
         else:  # decoding: this call's tokens attend to the cached ones and to each other
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.local_heads * self.head_dim)
-        out, _ = self.proj(_sequence_to_chunks(y, self.sequence_chunks))  # back to this rank's chunk
-        return out
+        return adapted(self.proj, self.proj_lora, _sequence_to_chunks(y, self.sequence_chunks))  # this rank's chunk
 
 
 class MLP(nn.Module):
@@ -228,11 +234,11 @@ class MLP(nn.Module):
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.fc = column_linear(cfg.n_embd, cfg.ffn_size, _normal_init(cfg.init_std), cfg.bias, mp)
         self.proj = row_linear(cfg.ffn_size, cfg.n_embd, _normal_init(residual_std), cfg.bias, mp)
+        self.fc_lora = self.proj_lora = None  # LoRA adapters, when fine-tuning adds them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.fc(x)
-        out, _ = self.proj(F.gelu(h, approximate="tanh"))
-        return out
+        h = adapted(self.fc, self.fc_lora, x)
+        return adapted(self.proj, self.proj_lora, F.gelu(h, approximate="tanh"))
 
 
 class Block(nn.Module):

@@ -36,7 +36,7 @@ from trainer.cost.flops import hardware_flops_per_token
 from trainer.cost.memory import Layout, estimate_memory
 from trainer.cost.reconcile import Plan, Reconciler, cpu_peak_flops
 from trainer.engine import Engine, build_model, resolve_precision
-from trainer.init_from import initialize_from
+from trainer.init_from import check_adapter_base, initialize_from
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
 from trainer.metrics import MetricsSink
@@ -181,6 +181,9 @@ def _check_resumable(saved: TrainerState, config: Config, path: Path) -> None:
         for key, value in current.items()
         if saved_model.get(key) != value and key != "name"
     ]
+    saved_lora = saved.config.get("finetune", {}).get("lora", {}).get("rank", 0)
+    if saved_lora != config.finetune.lora.rank:
+        diffs.append(f"finetune.lora.rank={saved_lora!r} (this run: {config.finetune.lora.rank!r})")
     if diffs:
         raise CheckpointError(
             f"{path} was saved with " + "; ".join(diffs) + ". Use another train.run_name for a new run."
@@ -216,6 +219,8 @@ def _resume(config: Config, topo: Topology, engine: Engine, stream, root: Path) 
         raise CheckpointError(f"train.resume={config.train.resume!r}: {path} holds weights only (an imported model), "
                               f"nothing to resume; start a run from it with train.init_from={path}")
     _check_resumable(saved, config, path)
+    if saved.adapters is not None:
+        check_adapter_base(saved.adapters, engine.adapters, path)
     engine.load_full_state(reader)
     if not reader.restore_rng(topo):
         log.info("resuming at layout %s from %s: random generators start fresh", topo.layout, saved.layout)
@@ -237,6 +242,7 @@ def _checkpoint_saver(config: Config, topo: Topology, engine: Engine, stream, ro
             layout=topo.layout,
             config=dataclasses.asdict(config),
             vocab_size=vocab_size,
+            adapters=engine.adapters.as_dict() if engine.adapters else None,
         )
         path = save_checkpoint(
             root, state, engine.shard_state(), stream.state_dict(), topo, config.train.keep_last_checkpoints,
@@ -303,10 +309,13 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     val = read_val(config.data.prepared_dir, config.seq_len, config.train.micro_batch_size, config.train.eval_batches)
     run_dir = Path(config.train.run_dir)
     root = run_dir / "checkpoints"
-    progress, resumed = _resume(config, topo, engine, stream, root)
-    if resumed is None and config.train.init_from:
+    lora = config.finetune.lora.enabled
+    if lora:  # the frozen base under the adapters, whether they start fresh or resume
         initialize_from(config, engine, index)
-    elif config.train.init_from:
+    progress, resumed = _resume(config, topo, engine, stream, root)
+    if resumed is None and config.train.init_from and not lora:
+        initialize_from(config, engine, index)
+    elif config.train.init_from and not lora:
         log.info("train.init_from=%s not used: the run continues from its own checkpoint", config.train.init_from)
     _stop_if_preempted(preemption, progress, resumed)  # the last safe point before training
     save = _checkpoint_saver(config, topo, engine, stream, root, tokenizer_text(config, index), index["vocab_size"])
@@ -343,7 +352,8 @@ def memory_layout(config: Config, topo: Topology, precision: str) -> Layout:
     return Layout(tp=topo.tp, pp=topo.pp, dp=topo.dp, zero_stage=config.parallel.zero_stage,
                   micro_batch=config.train.micro_batch_size, seq_len=config.seq_len,
                   recompute=config.train.activation_checkpointing, precision="bf16" if precision != "fp32" else "fp32",
-                  micro_batches=config.train.grad_accum_steps)
+                  micro_batches=config.train.grad_accum_steps, lora_rank=config.finetune.lora.rank,
+                  lora_targets=tuple(config.finetune.lora.targets))
 
 
 def check_memory(config: Config, topo: Topology, vocab_size: int) -> None:

@@ -1,9 +1,10 @@
 """Moving weights and Adam moments between a DeepSpeed engine and layout-independent tensors.
 
-A checkpoint holds, per tensor-parallel shard, the *full* fp32 values of every parameter under the name
+A checkpoint holds, per tensor-parallel shard, the *full* fp32 values of every trained parameter under the name
 the single-process GPT gives it (ZeRO partitions gathered, pipeline stage names mapped), with the
 dimension it is split along over tp. Loading concatenates the saved tp shards and slices them for the
-new tp rank, so a run can resume at any (tp, pp, dp, ZeRO stage) layout.
+new tp rank, so a run can resume at any (tp, pp, dp, ZeRO stage) layout. Frozen parameters (the base model
+under LoRA adapters) are not saved: they come back from where the run took them (`train.init_from`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def named_parameters(engine, n_layer: int, pipeline: bool) -> Iterator[tuple[str
     """This rank's parameters under their single-process names."""
     for name, param in engine.module.named_parameters():
         yield (canonical_name(name, n_layer) if pipeline else name), param
+
+
+def trained(name: str, param: nn.Parameter) -> bool:
+    """The parameters a checkpoint holds and a resume sets: all of them, but for a frozen base under adapters."""
+    return param.requires_grad
 
 
 def partition_dim(param: nn.Parameter) -> int | None:
@@ -96,6 +102,8 @@ def gather_full_state(engine, n_layer: int, pipeline: bool) -> tuple[dict, dict,
     if zero:
         _materialize_moments(engine)
     for name, param in named_parameters(engine, n_layer, pipeline):
+        if not trained(name, param):
+            continue
         dims[name] = partition_dim(param)
         if zero:
             weights[name] = safe_get_full_fp32_param(param).detach().float().cpu()
@@ -127,14 +135,18 @@ def local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp: int, loca
 
 
 def apply_full_state(
-    engine, n_layer: int, pipeline: bool, read: Callable[[str], torch.Tensor], tp_rank: int, tp: int, step: int
+    engine, n_layer: int, pipeline: bool, read: Callable[[str], torch.Tensor], tp_rank: int, tp: int,
+    step: int | None, select: Callable[[str, nn.Parameter], bool] = trained,
 ) -> None:
-    """Set this rank's weights and Adam moments from full tensors; `read(key)` returns one by name."""
+    """Set this rank's weights, and the Adam moments of the trained ones, from full tensors; `read(key)` returns
+    one by name. Only the parameters `select` picks are set; `step` (unless None) becomes Adam's step count."""
     zero = _zero_partitioned(engine)
     base = _base_optimizer(engine)
     if zero:
         _materialize_moments(engine)
     for name, param in named_parameters(engine, n_layer, pipeline):
+        if not select(name, param):
+            continue
         shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
         dim = partition_dim(param)
 
@@ -142,7 +154,9 @@ def apply_full_state(
             return local_slice(read(key), dim, tp_rank, tp, shape).to(device)
 
         weight = local(name)
-        if zero:
+        if not param.requires_grad:  # frozen: no master copy, no moments
+            _set_low_precision_copy(param, weight)
+        elif zero:
             _set_low_precision_copy(param, weight)
             safe_set_full_fp32_param(param, weight)
             for key in MOMENTS:
@@ -151,7 +165,8 @@ def apply_full_state(
             with torch.no_grad():
                 param.copy_(weight)
             base.state[param] = {key: local(f"{key}/{name}").to(param.dtype) for key in MOMENTS}
-    _set_adam_step(base, _optimized_tensors(engine), step)
+    if step is not None:
+        _set_adam_step(base, _optimized_tensors(engine), step)
 
 
 def _set_low_precision_copy(param: nn.Parameter, value: torch.Tensor) -> None:

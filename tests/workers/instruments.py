@@ -5,7 +5,8 @@ what the run computes:
 - `first_step_gradients` saves, at the first optimizer step, every parameter's gradient *as the optimizer
   is about to use it* (after the data-parallel reduction, the pipeline's tied-weight sum and ZeRO's
   partitioning, before clipping), gathered over dp with DeepSpeed's `safe_get_full_grad` and named as in
-  the single-process GPT; tp shards stay split and are joined by `full_gradients`.
+  the single-process GPT; tp shards stay split and are joined by `full_gradients`. Frozen parameters have
+  no gradient (asserted) and are left out.
 - `activation_shapes` records the shape of every tensor entering a transformer block or a LayerNorm, the
   activations that sequence parallelism splits over tp.
 - `nan_gradient_at` puts a NaN into one element of the first parameter's gradient on the first pipeline
@@ -32,6 +33,9 @@ def _save_gradients(ds_engine, engine: trainer.engine.Engine, out_file: Path) ->
     """Collective over dp (ZeRO gathers the partitions): every rank of the step must call it."""
     grads, dims = {}, {}
     for name, param in named_parameters(ds_engine, engine.config.model.n_layer, engine.pipeline):
+        if not param.requires_grad:  # frozen (the base under LoRA adapters)
+            assert param.grad is None, f"frozen parameter {name} has a gradient"
+            continue
         grads[name] = safe_get_full_grad(param).detach().float().cpu().clone()
         dims[name] = partition_dim(param)
     topo = engine.topo

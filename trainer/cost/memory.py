@@ -5,6 +5,9 @@ Model states, per parameter a rank holds (Rajbhandari et al. 2020, "ZeRO"):
     bf16 mixed precision: 2 (bf16 params) + 2 (bf16 grads) + 12 (fp32 master, Adam m and v) = 16 bytes
     fp32:                 4 (params)      + 4 (grads)      +  8 (Adam m and v; params are the master) = 16
 
+Under LoRA (`lora_rank` > 0) only the adapters have gradients and optimizer state; the frozen base weights
+count their parameter bytes alone.
+
 ZeRO-1 divides the optimizer bytes by dp, ZeRO-2 also the gradients, ZeRO-3 also the parameters. A rank holds
 its pipeline stage's layers split over tp (column-parallel weights and biases split, row-parallel biases
 and LayerNorms replicated); the token table (split over tp) sits on the first stage and, as the tied
@@ -30,7 +33,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from trainer.config import HardwareConfig, ModelConfig
-from trainer.cost.params import layer_parameters_per_rank
+from trainer.cost.params import adapter_parameters_per_rank, layer_parameters_per_rank
 from trainer.vocab import padded_vocab_size
 
 GiB = 2**30
@@ -55,6 +58,9 @@ class Layout:
     # Micro-batches per step and pipeline (gradient accumulation); None means pp (the fewest 1F1B allows).
     micro_batches: int | None = None
     flash_attention: bool = False
+    # LoRA fine-tuning: adapters of this rank on these layers train, every other parameter is frozen.
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "dp", "micro_batch", "seq_len"):
@@ -163,12 +169,18 @@ def estimate_memory(model: ModelConfig, vocab_size: int, layout: Layout, hardwar
 def _stage_memory(model: ModelConfig, vocab_size: int, layout: Layout, hardware: HardwareConfig,
                   stage: str) -> MemoryEstimate:
     params = stage_parameters_per_rank(model, vocab_size, layout, stage)
-    param_bytes, grad_bytes, optimizer_bytes = (n * params for n in STATE_BYTES[layout.precision])
+    trained = params
+    if layout.lora_rank:
+        trained = math.ceil(model.n_layer / layout.pp) * adapter_parameters_per_rank(
+            model, layout.tp, layout.lora_rank, layout.lora_targets)
+        params += trained
+    param_width, grad_width, optimizer_width = STATE_BYTES[layout.precision]
+    param_bytes, grad_bytes, optimizer_bytes = param_width * params, grad_width * trained, optimizer_width * trained
     dp, zero = layout.dp, layout.zero_stage
     if layout.precision == "fp32" and zero >= 1:
         # DeepSpeed's ZeRO optimizers keep their own fp32 master partition even when the model is fp32
-        # (measured: docs/layouts.md), so fp32 ZeRO holds 4 more bytes per parameter, sharded like the rest.
-        optimizer_bytes += 4 * params
+        # (measured: docs/layouts.md), so fp32 ZeRO holds 4 more bytes per trained parameter, sharded like the rest.
+        optimizer_bytes += 4 * trained
     return MemoryEstimate(
         stage=stage,
         params=param_bytes / (dp if zero >= 3 else 1),

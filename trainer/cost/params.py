@@ -75,3 +75,19 @@ def layer_parameters_per_rank(model: ModelConfig, tp: int) -> int:
         split += (3 * d + ffn) // tp
     replicated = (2 * d if model.bias else 0) + 2 * 2 * d
     return split + replicated
+
+
+def adapter_parameters_per_rank(model: ModelConfig, tp: int, rank: int, targets: tuple[str, ...]) -> int:
+    """One block's LoRA adapter parameters on one tensor-parallel rank (trainer/lora.py).
+
+    An adapter of a column-parallel layer (qkv, fc) keeps A (r, in) whole and splits B (out, r) over tp; one of a
+    row-parallel layer (attention and MLP projections) splits A (r, in) and keeps B (out, r) whole.
+    """
+    d, ffn = model.n_embd, model.ffn_size
+    per_target = {
+        "qkv": rank * d + 3 * d * rank // tp,
+        "attn_proj": rank * d // tp + d * rank,
+        "fc": rank * d + ffn * rank // tp,
+        "mlp_proj": rank * ffn // tp + d * rank,
+    }
+    return sum(per_target[target] for target in targets)

@@ -42,7 +42,8 @@ def config_layout(config: Config) -> Layout:
                   seq_len=config.seq_len, recompute=config.train.activation_checkpointing,
                   sequence_parallel=p.sequence_parallel, precision="bf16" if bf16 else "fp32",
                   micro_batches=config.train.grad_accum_steps,
-                  flash_attention=bf16 and config.kernels.attention in ("auto", "triton"))
+                  flash_attention=bf16 and config.kernels.attention in ("auto", "triton"),
+                  lora_rank=config.finetune.lora.rank, lora_targets=tuple(config.finetune.lora.targets))
 
 
 def _model_section(config: Config, tp: int = 1) -> tuple[dict, dict, int]:

@@ -146,8 +146,10 @@ def test_only_the_adapters_train_and_the_checkpoint_holds_them_alone(single, bas
     assert single.losses[STEPS] < single.losses[1]
 
 
+# Sequence parallelism with megatron's buffers pointed at the CPU (see tests/workers/pretrain.py).
+SEQUENCE_PARALLEL_ON_CPU = ("parallel.sequence_parallel=true", "--sequence-parallel-on-cpu")
 LAYOUTS = {
-    "tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
+    "tp2-pp2-sp": ["parallel.tp=2", "parallel.pp=2", *SEQUENCE_PARALLEL_ON_CPU],
     "tp2-dp2-zero3": ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=3", "train.grad_accum_steps=2"],
 }
 
@@ -161,8 +163,10 @@ def test_layouts_train_the_adapters_as_one_process_does(layout, sft_data, base_d
     The adapters after the step may differ by 1e-4 of their largest element: Adam divides each element's update by
     the root of its second moment, which magnifies last-bit differences of elements whose gradients are near zero.
     """
-    args = [*resume_args(sft_data, base_dir, single), *LAYOUTS[layout], "train.run_name=lora"]
-    result = launch_instrumented(4, args, tmp_path)
+    flags = [arg for arg in LAYOUTS[layout] if arg.startswith("--")]
+    overrides = [arg for arg in LAYOUTS[layout] if arg not in flags]
+    args = [*resume_args(sft_data, base_dir, single), *overrides, "train.run_name=lora"]
+    result = launch_instrumented(4, args, tmp_path, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_same_gradients(tmp_path / "grads", resumed_single)
     assert all(gradient.abs().max() > 0 for gradient in resumed_single.gradients.values())

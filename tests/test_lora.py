@@ -75,9 +75,9 @@ def test_adapters_start_at_the_base_model_and_merge_into_its_weights(cpu_topolog
     torch.testing.assert_close(merged(ids)[..., :100], adapted, rtol=0, atol=1e-5)
 
 
-def test_adapters_need_a_base_model(sft_data):
+def test_adapters_need_a_base_model(sft_data, tmp_path):
     with pytest.raises(ConfigError, match="finetune.lora.rank=4: adapters fine-tune a base model: set train.init_from"):
-        compose_config([*sft_args(sft_data), *LORA, "train.run_dir=."])
+        run(compose_config([*sft_args(sft_data), *LORA, f"train.run_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"finetune.lora.targets=.*unknown layers \['wte'\]"):
         compose_config([*sft_args(sft_data), "finetune.lora.targets=[qkv,wte]", "train.run_dir=."])
 

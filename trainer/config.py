@@ -460,10 +460,6 @@ class Config:
             _require(self.finetune.lora.dropout == 0.0, "parallel.sequence_parallel",
                      f"needs finetune.lora.dropout=0 (it is {self.finetune.lora.dropout}): dropout masks would "
                      "repeat across the sequence chunks of the tp ranks", True)
-        if self.finetune.lora.enabled:
-            _require(bool(self.train.init_from), "finetune.lora.rank",
-                     "adapters fine-tune a base model: set train.init_from to its checkpoint or Hugging Face "
-                     "directory", self.finetune.lora.rank)
 
     @property
     def seq_len(self) -> int:

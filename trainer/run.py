@@ -280,6 +280,9 @@ def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSumm
     if job := slurm_job_text():
         log.info("%s", job)
     # Before the data is prepared and the model allocated.
+    if config.finetune.lora.enabled and not config.train.init_from:
+        raise ConfigError(f"finetune.lora.rank={config.finetune.lora.rank}: adapters fine-tune a base model: set "
+                          "train.init_from to its checkpoint or Hugging Face directory")
     check_memory(config, topo, config.model.vocab_size)
     torch.manual_seed(config.train.seed)
     Path(config.train.run_dir).mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,9 @@ def format_estimate(r: dict) -> str:
     m, lay, p, f = r["model"], r["layout"], r["params"], r["flops"]
     lines = [f"Estimate: {m['name']} on {r['hardware']['name']}, tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} "
              f"zero={lay['zero_stage']} mb={lay['micro_batch']} x {lay['seq_len']} "
-             f"recompute={'on' if lay['recompute'] else 'off'} {lay['precision']}",
+             f"recompute={'on' if lay['recompute'] else 'off'} {lay['precision']}"
+             + (f" LoRA rank {lay['lora_rank']} on {','.join(lay['lora_targets'])} (base frozen)" if lay["lora_rank"]
+                else ""),
              f"Parameters: {p['total']:,}; FLOPs/token {_si(f['model_per_token'])} (6N {_si(f['six_n_per_token'])})",
              "Memory per GPU (GiB):", *_memory_lines(r["memory"])]
     if r["step_times"]:

@@ -7,7 +7,7 @@ DEEPSPEED_VERSION ?= 0.19.8
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test test-fast lint clean
+.PHONY: setup train finetune test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 train: setup
 	$(PY) -m trainer.pretrain $(ARGS)
+
+# Fine-tune the model `make train` pretrained (pretraining it first if runs/tiny has no checkpoint yet) on an
+# offline task from the standard library, and print before/after figures; ARGS go to trainer.finetune.
+finetune: setup
+	@ls runs/tiny/checkpoints/step_*/trainer_state.json >/dev/null 2>&1 || \
+		{ echo "no pretrained model in runs/tiny yet: running make train first"; $(MAKE) train ARGS=; }
+	$(PY) -m trainer.finetune_demo $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

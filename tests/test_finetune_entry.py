@@ -1,4 +1,5 @@
-"""Fine-tuning runs: train.epochs as the run's length, the train/finetune preset, `python -m trainer.finetune`."""
+"""Fine-tuning runs: train.epochs as the run's length, the train/finetune preset, `python -m trainer.finetune`,
+and a shortened `make finetune` demo whose held-out response loss must fall below the base model's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from data_pipeline.shards import read_index
 from tests.conftest import SMALL_RUN, logged, small_corpus_args
 from tests.test_cli import config_error_line
 from tests.test_finetune import sft_args
+from trainer import finetune_demo
 from trainer.config import CONF_DIR, ConfigError, compose_config, register_configs, to_config
 from trainer.finetune import check_finetune
 from trainer.optim import lr_at
@@ -42,7 +44,7 @@ def test_epochs_set_the_run_length(sft_data, tmp_path, one_thread):
     assert (data["epoch"], data["row"]) == (EPOCHS, steps * MICRO_BATCH - rows)  # the last step spills over
 
 
-def test_epochs_refused_on_pretraining_data_and_warmup_rechecked(small_corpus, sft_data):  # noqa: F811
+def test_epochs_refused_on_pretraining_data_and_warmup_rechecked(small_corpus, sft_data):
     pretraining = compose_config([*SMALL_RUN, *small_corpus_args(small_corpus), "train.epochs=1", NO_RUN])
     with pytest.raises(ConfigError, match=r"^train\.epochs=1: .*pretraining data"):
         with_epochs(pretraining, read_index(small_corpus))
@@ -87,3 +89,30 @@ def test_finetune_entry_requires_init_from(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert config_error_line(result.stderr).startswith("train.init_from: fine-tuning starts from a model")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo, shortened: a base pretrained for a few steps, the task from a few stdlib modules
+
+
+def fine_tune_in_process(base: Path, prepared: Path, run_dir: Path, overrides: list[str]) -> Path:
+    """What the demo runs as `python -m trainer.finetune`, in this process (no second start-up)."""
+    config = compose_finetune([*finetune_demo.finetune_overrides(base, prepared, run_dir, overrides),
+                               f"train.run_dir={run_dir}"])
+    return Path(run(config).checkpoint)
+
+
+def test_a_short_demo_lowers_the_held_out_response_loss(small_corpus, tmp_path, one_thread):
+    shape = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=96"]
+    quiet = ["train.progress_bar=false", "logging.wandb=false", "train.eval_batches=1"]
+    base = run(compose_config([*shape, *quiet, *small_corpus_args(small_corpus), "train.max_steps=6",
+                               "train.micro_batch_size=4", "optim.warmup_steps=1", f"train.run_dir={tmp_path / 'base'}"]))
+    args = finetune_demo.parse_args([
+        "--base", base.checkpoint, "--jsonl", str(tmp_path / "task.jsonl"), "--prepared", str(tmp_path / "task"),
+        "--run-dir", str(tmp_path / "tuned"), "--max-modules", "30", "--val-fraction", "0.2",
+        "--max-new-tokens", "4", *shape, "model.vocab_size=512", *quiet, "train.epochs=2",
+        "train.micro_batch_size=8", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_interval=0",
+    ])
+    before, after = finetune_demo.demo(args, fine_tune_in_process)
+    assert after.loss < before.loss - 0.5, (before.loss, after.loss)
+    assert json.loads((tmp_path / "tuned" / "demo.json").read_text())["after"]["loss"] == after.loss

@@ -83,34 +83,31 @@ def test_training_starts_from_the_imported_weights(single, hf_dir):
 
 
 @pytest.fixture(scope="module")
-def layouts(small_corpus, hf_dir, tmp_path_factory) -> dict[str, Path]:
-    """The same start at tp=2 and at pp=2 (one torchrun each): the directory of each run."""
-    runs = {}
-    for name, layout in (("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])):
-        tmp_path = tmp_path_factory.mktemp(name)
-        result = launch_instrumented(2, [*layout, *run_args(small_corpus, hf_dir), "train.run_name=init"], tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        runs[name] = tmp_path
-    return runs
+def layout_run(small_corpus, hf_dir, tmp_path_factory) -> Path:
+    """The same start at tp=2 x pp=2 (one torchrun of 4): the directory of the run."""
+    tmp_path = tmp_path_factory.mktemp("tp2-pp2")
+    result = launch_instrumented(4, ["parallel.tp=2", "parallel.pp=2", *run_args(small_corpus, hf_dir),
+                                     "train.run_name=init"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_imported_model_trains_at_tp2_and_pp2_as_in_one_process(layout, layouts, single):
-    assert_same_curve(layouts[layout] / "runs" / "init", single, steps=STEPS)
-    assert_same_gradients(layouts[layout] / "grads", single)
+def test_imported_model_trains_at_tp2_pp2_as_in_one_process(layout_run, single):
+    assert_same_curve(layout_run / "runs" / "init", single, steps=STEPS)
+    assert_same_gradients(layout_run / "grads", single)
 
 
 def final_checkpoint(run_root: Path) -> Path:
     return run_root / "runs" / "init" / "checkpoints" / f"step_{STEPS:08d}"
 
 
-def test_a_tp2_checkpoint_generates_the_text_of_the_single_process_one(layouts, single):
+def test_a_tp2_pp2_checkpoint_generates_the_text_of_the_single_process_one(layout_run, single):
     from trainer.decoding import GenerationSettings, generate
     from trainer.inference import CachedDecoder, load_model
 
     settings = GenerationSettings(max_new_tokens=16)
     texts = []
-    for checkpoint in (single.checkpoint, final_checkpoint(layouts["tp2"])):
+    for checkpoint in (single.checkpoint, final_checkpoint(layout_run)):
         loaded = load_model(checkpoint, device="cpu")
         prompt = loaded.tokenizer.encode("def main(").ids
         [[ids]] = generate(CachedDecoder(loaded), [prompt], settings)
@@ -118,13 +115,13 @@ def test_a_tp2_checkpoint_generates_the_text_of_the_single_process_one(layouts, 
     assert len(texts[0]) > 0 and texts[0] == texts[1]
 
 
-def test_a_tp2_checkpoint_exports_to_transformers(layouts, tmp_path):
+def test_a_tp2_pp2_checkpoint_exports_to_transformers(layout_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from trainer.convert import main as convert
     from trainer.inference import load_model
 
-    checkpoint = final_checkpoint(layouts["tp2"])
+    checkpoint = final_checkpoint(layout_run)
     assert convert(["to-hf", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
     theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values()), info

@@ -111,8 +111,7 @@ LAYOUTS = {
     "tp2-dp2-zero2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=2", "train.grad_accum_steps=2",
                           "cost.time_communication=true"]),
     "tp2-dp2-zero3": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=3", "train.grad_accum_steps=2"]),
-    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "train.grad_accum_steps=4"]),
-}
+}  # tp2-pp2 alone: in tp2-pp2-dp2-zero1 here, with sequence parallelism below
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -51,9 +51,10 @@ def test_epochs_refused_on_pretraining_data_and_warmup_rechecked(small_corpus, s
     with pytest.raises(ConfigError, match=r"^train\.epochs=1: .*no fine-tuning data"):
         check_finetune(compose_config([*SMALL_RUN, *small_corpus_args(small_corpus), "train.epochs=1",
                                        "train.init_from=somewhere", NO_RUN]))
-    long_warmup = compose_config([*sft_args(sft_data), "train.epochs=1", "train.max_steps=500",
-                                  "optim.warmup_steps=400", NO_RUN])
-    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps=400: must be <= the \d+ steps of train\.epochs=1"):
+    # train.max_steps (600) means nothing with epochs: the warmup is checked against the steps the epochs take.
+    long_warmup = compose_config([*sft_args(sft_data), "train.epochs=1", "train.max_steps=600",
+                                  "optim.warmup_steps=700", NO_RUN])
+    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps=700: must be <= the \d+ steps of train\.epochs=1"):
         with_epochs(long_warmup, read_index(sft_data))
 
 

@@ -23,7 +23,15 @@ from tests.test_init_from import hf_gpt2_directory
 from tests.test_parallel import Reference, assert_same_gradients, launch_instrumented, train_metric
 from tests.workers.instruments import first_step_gradients, full_gradients, load_rank_gradients
 from trainer.checkpoint import CheckpointError, CheckpointReader
-from trainer.config import LORA_TARGETS, ConfigError, HardwareConfig, KernelsConfig, LoraConfig, ModelConfig
+from trainer.config import (
+    LORA_TARGETS,
+    ConfigError,
+    HardwareConfig,
+    KernelsConfig,
+    LoraConfig,
+    ModelConfig,
+    ParallelConfig,
+)
 from trainer.convert import main as convert_main
 from trainer.cost.memory import Layout, estimate_memory
 from trainer.engine import Engine
@@ -32,6 +40,7 @@ from trainer.inference import ModelLoadError, build_model, read_model_weights
 from trainer.init_from import initialize_from
 from trainer.lora import add_adapters, is_adapter_parameter, merge_adapters
 from trainer.model import GPT
+from trainer.parallel import init_topology, shutdown_topology
 from trainer.run import run
 
 STEPS = 3
@@ -82,10 +91,17 @@ def test_adapters_need_a_base_model(sft_data, tmp_path):
         compose_config([*sft_args(sft_data), "finetune.lora.targets=[qkv,wte]", "train.run_dir=."])
 
 
-def test_training_changes_the_adapters_alone(sft_data, base_dir, cpu_topology, tmp_path):
+@pytest.fixture
+def topology():
+    """This test's own groups: a `run()` in an earlier test of the module tore down the module's."""
+    yield init_topology(ParallelConfig(), "cpu")
+    shutdown_topology()
+
+
+def test_training_changes_the_adapters_alone(sft_data, base_dir, topology, tmp_path):
     config = compose_config([*lora_args(sft_data, base_dir), f"train.run_dir={tmp_path}"])
     index = read_index(sft_data)
-    engine = Engine(build_engine_model(config, index["vocab_size"], cpu_topology), config, cpu_topology)
+    engine = Engine(build_engine_model(config, index["vocab_size"], topology), config, topology)
     initialize_from(config, engine, index)
     before = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     batches = SFTStream(str(sft_data), "train", 32, 4, seed=0)

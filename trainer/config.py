@@ -431,8 +431,9 @@ class Config:
             f"must be <= model.block_size={self.model.block_size}",
             seq_len,
         )
+        # With train.epochs the run's length is known once the data is read (trainer/run.py checks it there).
         _require(
-            self.optim.warmup_steps <= self.train.max_steps,
+            self.train.epochs is not None or self.optim.warmup_steps <= self.train.max_steps,
             "optim.warmup_steps",
             f"must be <= train.max_steps={self.train.max_steps}",
             self.optim.warmup_steps,

@@ -6,6 +6,9 @@ TORCH_VERSION ?= 2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export WANDB_MODE ?= offline
+# DeepSpeed JIT-compiles its CPU ops (cpu_adam for ZeRO-Offload, the shared-memory allreduce) on first use: keep
+# them with this checkout's venv, so another checkout's build does not make this one compile again.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup train finetune test test-fast lint clean
 

@@ -228,6 +228,8 @@ class TrainConfig:
     precision: str = "auto"
     # auto: cuda when available, else cpu.
     device: str = "auto"
+    # Progress on rank 0: a tqdm bar on a terminal; where the output is not one (a SLURM job's log, nohup, CI) a
+    # plain line per log interval instead (step, loss, tokens/s, MFU, ETA), never carriage returns.
     progress_bar: bool = True
     # Signals that mean "the machines are about to go": finish the step, checkpoint, exit for a requeue.
     # SIGUSR1 is launch.slurm's warning (--signal), SIGUSR2 Hydra's submitit launcher's, SIGTERM SLURM's last word.

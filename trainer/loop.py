@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -115,10 +116,30 @@ def _data_health(train_batches: Iterable[Batch]) -> dict[str, int]:
     return {} if skipped is None else {"data/skipped_shards": skipped}
 
 
+def progress_style(show: bool, is_main: bool, stream=None) -> str:
+    """How rank 0 shows progress: "bar" (tqdm) on a terminal; "lines", one plain log line per log interval, when
+    the output is not a terminal (a batch job's log file: SLURM, nohup, CI), so that no carriage returns fill it;
+    "off" on other ranks or with train.progress_bar=false."""
+    if not (show and is_main):
+        return "off"
+    stream = stream or sys.stderr  # where tqdm draws
+    return "bar" if stream.isatty() else "lines"
+
+
+def progress_line(step: int, max_steps: int, loss: float, tokens_per_s: float, step_s: float,
+                  mfu: float | None) -> str:
+    """One interval's progress for a log file: step, loss, tokens/s, MFU and the time left at this pace."""
+    eta = int(round((max_steps - step) * step_s))
+    hours, rest = divmod(eta, 3600)
+    mfu_text = f" | MFU {mfu:.1%}" if mfu is not None else ""
+    return (f"step {step}/{max_steps} ({step / max_steps:.0%}) | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
+            f"{mfu_text} | ETA {hours}:{rest // 60:02d}:{rest % 60:02d}")
+
+
 def _report_interval(progress: Progress, stats, meter: _Throughput, reconciler: Reconciler | None, bar,
                      sink: MetricsSink, flops_per_token: float, train_batches: Iterable[Batch],
-                     skipped_steps: int) -> None:
-    """Log one interval's metrics (and the plan reconciliation) and refresh the progress bar."""
+                     skipped_steps: int, max_steps: int, lines: bool) -> None:
+    """Log one interval's metrics (and the plan reconciliation) and refresh the progress bar, or log its line."""
     tokens_per_s, step_s = meter.report()
     reconciliation = {} if reconciler is None else reconciler.update(
         progress.tokens_seen, meter.tokens, meter.tokens / tokens_per_s, meter.phases)
@@ -126,6 +147,9 @@ def _report_interval(progress: Progress, stats, meter: _Throughput, reconciler: 
     if "cost/mfu" in reconciliation:
         postfix["mfu"] = f"{reconciliation['cost/mfu']:.1%}"
     bar.set_postfix(postfix, refresh=False)
+    if lines:
+        log.info("%s", progress_line(progress.step, max_steps, stats.loss, tokens_per_s, step_s,
+                                     reconciliation.get("cost/mfu")))
     sink.log(progress.step, {
         "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "train/lr": stats.lr,
         "train/skipped_steps": skipped_steps,
@@ -160,9 +184,10 @@ def train_loop(
     meter = _Throughput()
     skips = _SkipCounter(train.max_skipped_steps, topo.is_main)
     batches = iter(train_batches)
+    style = progress_style(train.progress_bar, topo.is_main)
     bar = tqdm(
         total=train.max_steps, initial=progress.step, unit="step", dynamic_ncols=True, mininterval=1.0,
-        disable=not (topo.is_main and train.progress_bar),
+        disable=style != "bar",
     )
     with logging_redirect_tqdm():
         while progress.step < last_step:
@@ -179,7 +204,7 @@ def train_loop(
             is_last = progress.step == last_step
             if progress.step % train.log_interval == 0 or is_last:
                 _report_interval(progress, stats, meter, reconciler, bar, sink, flops_per_token, train_batches,
-                                 skips.pop())
+                                 skips.pop(), train.max_steps, lines=style == "lines")
                 meter.restart()
             skips.stop_if_diverged(progress.step)  # after the report, so the record shows the skips
             evaluate_now = train.eval_interval and progress.step % train.eval_interval == 0

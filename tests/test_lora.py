@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from data_pipeline.sft_stream import SFTStream
 from data_pipeline.shards import read_index
 from tests.conftest import compose_config
-from tests.test_finetune import sft_args
+from tests.test_finetune import reference_run, sft_args
 from tests.test_init_from import hf_gpt2_directory
 from tests.test_parallel import Reference, assert_same_gradients, launch_instrumented, train_metric
-from tests.workers.instruments import first_step_gradients, full_gradients, load_rank_gradients
 from trainer.checkpoint import CheckpointError, CheckpointReader
 from trainer.config import (
     LORA_TARGETS,
@@ -118,13 +117,8 @@ def test_training_changes_the_adapters_alone(sft_data, base_dir, topology, tmp_p
 @pytest.fixture(scope="module")
 def single(sft_data, base_dir, tmp_path_factory) -> Reference:
     """One process: LoRA over the base, 4 micro-batches of 4 per step, checkpoints at steps 2 and 3."""
-    run_dir, grad_dir = tmp_path_factory.mktemp("lora-run"), tmp_path_factory.mktemp("lora-grads")
-    config = compose_config([*lora_args(sft_data, base_dir), "train.checkpoint_interval=2",
-                             f"train.run_dir={run_dir}"])
-    with first_step_gradients(grad_dir):
-        summary = run(config)
-    return Reference(summary.train_losses, train_metric(run_dir, "train/grad_norm"), Path(summary.checkpoint),
-                     full_gradients(load_rank_gradients(grad_dir)))
+    return reference_run([*lora_args(sft_data, base_dir), "train.checkpoint_interval=2"],
+                         tmp_path_factory.mktemp("lora-run"), tmp_path_factory.mktemp("lora-grads"))
 
 
 def resume_args(sft_data: Path, base: Path, single: Reference) -> list[str]:
@@ -135,12 +129,8 @@ def resume_args(sft_data: Path, base: Path, single: Reference) -> list[str]:
 
 @pytest.fixture(scope="module")
 def resumed_single(sft_data, base_dir, single, tmp_path_factory) -> Reference:
-    run_dir, grad_dir = tmp_path_factory.mktemp("lora-resumed"), tmp_path_factory.mktemp("lora-resumed-grads")
-    config = compose_config([*resume_args(sft_data, base_dir, single), f"train.run_dir={run_dir}"])
-    with first_step_gradients(grad_dir):
-        summary = run(config)
-    return Reference(summary.train_losses, train_metric(run_dir, "train/grad_norm"), Path(summary.checkpoint),
-                     full_gradients(load_rank_gradients(grad_dir)))
+    return reference_run(resume_args(sft_data, base_dir, single), tmp_path_factory.mktemp("lora-resumed"),
+                         tmp_path_factory.mktemp("lora-resumed-grads"))
 
 
 def adapter_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The Triton flash attention against the torch reference: outputs, log-sum-exp and gradients, odd shapes, GQA.
 
 On the CPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), with one 16x16 tile:
-shapes stay tiny and dtypes fp32/fp16 (the interpreter's bf16 tl.dot is wrong). `pytest -m gpu` adds bf16 at
-training shapes and a memory check on a GPU.
+shapes stay tiny and dtypes fp32/fp16 (the interpreter's bf16 tl.dot is wrong). `pytest -m gpu` adds bf16 and
+fp16 at training shapes (head dims 64 and 128; causal, GQA, packed and full attention) and a memory check on a GPU.
 """
 
 from __future__ import annotations
@@ -172,16 +172,46 @@ def test_unsupported_inputs_raise_naming_the_problem():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def packed_segments(batch: int, seq_len: int, device: str) -> torch.Tensor:
+    """Segment ids of rows packed with documents of a few lengths, cut at the row's end."""
+    lengths = torch.tensor([300, 1000, 77, 2000, 500, seq_len])  # the last one fills the row
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[:seq_len]
+    return ids.expand(batch, seq_len).contiguous().to(device)
+
+
+GPU_VARIANTS = {  # name -> (heads, kv heads, causal, packed segments)
+    "causal": (8, 8, True, False),
+    "gqa": (8, 2, True, False),
+    "packed": (8, 8, True, True),
+    "full": (8, 8, False, False),
+}
+
+
 @pytest.mark.gpu
 @needs_cuda
-def test_bf16_at_4k_tokens_is_as_accurate_as_sdpa_flash():
-    # Both bf16 kernels against an fp32 reference: ours may err at most ~2x SDPA's error (the FA2 test rule).
-    q, k, v = make_qkv(1, 4, 4, 4096, 128, torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_shapes_are_as_accurate_as_sdpa(dtype, head_dim, variant):
+    # Both kernels in bf16/fp16 against an fp32 reference: ours may err at most ~2x SDPA's error (the FA2 test
+    # rule), forward and backward. T = 3000 is not a multiple of any tile.
+    heads, kv_heads, causal, packed = GPU_VARIANTS[variant]
+    q, k, v = make_qkv(2, heads, kv_heads, 3000, head_dim, dtype, device="cuda")
+    segments = packed_segments(2, 3000, "cuda") if packed else None
     grad_out = torch.randn_like(q)
-    ref, ref_grads = grads(attention_reference, [x.float() for x in (q, k, v)], grad_out.float())
-    ours, our_grads = grads(flash_attention, (q, k, v), grad_out)
-    theirs, their_grads = grads(attention.attention_sdpa, (q, k, v), grad_out)
-    for name, a, b, want in zip(("out", "dq", "dk", "dv"), (ours, *our_grads), (theirs, *their_grads),
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, causal=causal, segment_ids=segments)
+
+    def sdpa(q, k, v):  # packed rows: a causal-and-same-segment mask; otherwise SDPA's own causal flag
+        mask = attention.attention_mask(q.shape[-2], segments, q.device) if packed else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not packed,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    ref, ref_grads = grads(sdpa, [x.float() for x in (q, k, v)], grad_out.float())
+    got, got_grads = grads(ours, (q, k, v), grad_out)
+    theirs, their_grads = grads(sdpa, (q, k, v), grad_out)
+    for name, a, b, want in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (theirs, *their_grads),
                                 (ref, *ref_grads), strict=True):
         our_err = (a.float() - want).abs().max().item()
         sdpa_err = (b.float() - want).abs().max().item()

@@ -224,8 +224,9 @@ def test_dispatch_routes_triton_to_the_kernel_and_auto_on_cpu_to_torch():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
-def test_bf16_large_matches_torch_on_gpu(is_rms):
-    x, weight, bias, grad_out = norm_inputs((4096, 8192), torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_shapes_match_torch_on_gpu(dtype, is_rms):
+    x, weight, bias, grad_out = norm_inputs((4096, 8192), dtype, device="cuda")
     if is_rms:
         fn, golden, inputs = rms_norm_triton, (lambda x, w: F.rms_norm(x, (8192,), w, EPS)), (x, weight)
     else:
@@ -234,7 +235,7 @@ def test_bf16_large_matches_torch_on_gpu(is_rms):
             (lambda x, w, b: F.layer_norm(x, (8192,), w, b, EPS)),
             (x, weight, bias),
         )
-    check_against_golden(lambda *a: fn(*a, EPS), golden, grad_out, inputs, torch.bfloat16)
+    check_against_golden(lambda *a: fn(*a, EPS), golden, grad_out, inputs, dtype)
 
 
 @pytest.mark.gpu

@@ -110,8 +110,8 @@ LAYOUTS = {
                               "train.grad_accum_steps=2"]),
     "tp2-dp2-zero2": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=2", "train.grad_accum_steps=2",
                           "cost.time_communication=true"]),
-    "tp2-dp2-zero3": (4, ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=3", "train.grad_accum_steps=2"]),
-}  # tp2-pp2 alone: in tp2-pp2-dp2-zero1 here, with sequence parallelism below
+}  # tp2-pp2 alone: in tp2-pp2-dp2-zero1 here and with sequence parallelism below; tp2-dp2 ZeRO-3: with
+# sequence parallelism below (and LoRA's in test_lora.py)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

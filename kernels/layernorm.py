@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from kernels import validation  # a module reference: validation imports this module too
+
 LAYERNORM_IMPLS = ("auto", "triton", "torch", "reference")
 
 # One row must fit in one block: 64 KiB of input per row (16k fp32, 32k fp16/bf16, 8k fp64), the same cap
@@ -256,10 +258,17 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, impl: str = "auto"
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension with the implementation named by `impl`."""
-    if impl == "triton" or (impl == "auto" and x.is_cuda):
+    """LayerNorm over the last dimension with the implementation named by `impl`.
+
+    auto: the Triton kernel on a GPU once it has matched F.layer_norm there (kernels.validation), else
+    F.layer_norm; triton: the kernel, unchecked; torch: F.layer_norm; reference: layer_norm_reference.
+    """
+    if impl == "auto":
+        checked = validation.auto_picks_triton("layernorm", x, width=x.shape[-1], has_bias=bias is not None)
+        impl = "triton" if checked else "torch"
+    if impl == "triton":
         return layer_norm_triton(x, weight, bias, eps)
-    if impl in ("auto", "torch"):
+    if impl == "torch":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     if impl == "reference":
         return layer_norm_reference(x, weight, bias, eps)
@@ -268,9 +277,11 @@ def layer_norm(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension with the implementation named by `impl` (as for layer_norm)."""
-    if impl == "triton" or (impl == "auto" and x.is_cuda):
+    if impl == "auto":
+        impl = "triton" if validation.auto_picks_triton("rmsnorm", x, width=x.shape[-1]) else "torch"
+    if impl == "triton":
         return rms_norm_triton(x, weight, eps)
-    if impl in ("auto", "torch"):
+    if impl == "torch":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     if impl == "reference":
         return rms_norm_reference(x, weight, eps)

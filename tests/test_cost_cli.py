@@ -202,7 +202,7 @@ def test_cli_estimates_the_configs_layout(capsys):
     ("args", "message"),
     [
         (["plan", "model=nope", "gpus=8", "tokens=1e9"], "model/nope"),
-        (["plan", "gpus=8", "tokens=1e9"], "hardware=cpu has no peak"),
+        (["plan", "hardware=cpu", "gpus=8", "tokens=1e9"], "hardware=cpu has no peak"),
         (["plan", "hardware=a100-80gb", "gpus=eight", "tokens=1e9"], "gpus='eight': must be a number"),
         (["plan", "hardware=a100-80gb", "tokens=1e9"], "plan needs gpus="),
         (["plan", "hardware=a100-80gb", "gpus=8", "tokens=1e9", "mfu=2"], "mfu=2.0: must be in (0, 1]"),

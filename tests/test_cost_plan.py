@@ -76,4 +76,5 @@ def test_default_global_batch_follows_gpt3():
 def test_every_hardware_preset_composes(name):
     hardware = compose_config([f"hardware={name}", "train.run_dir=unused"]).hardware
     assert hardware.name == name
-    assert name == "cpu" or (hardware.peak_flops > 0 and hardware.memory_gb > 0 and hardware.tdp_watts > 0)
+    assert name in ("cpu", "auto") or (hardware.peak_flops > hardware.peak_flops_tf32 > hardware.peak_flops_fp32 > 0
+                                      and hardware.memory_gb > 0 and hardware.tdp_watts > 0)

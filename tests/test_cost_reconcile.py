@@ -78,9 +78,9 @@ def test_phase_description_orders_by_time():
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(reconcile, "CACHE", tmp_path / "cpu_peak.json")
-    monkeypatch.setattr(reconcile, "measure_cpu_peak", lambda: 123.0e9)
+    monkeypatch.setattr(reconcile, "measure_matmul_peak", lambda device, dtype: 123.0e9)
     assert reconcile.cpu_peak_flops() == 123.0e9
-    monkeypatch.setattr(reconcile, "measure_cpu_peak", lambda: pytest.fail("measured twice"))
+    monkeypatch.setattr(reconcile, "measure_matmul_peak", lambda device, dtype: pytest.fail("measured twice"))
     assert reconcile.cpu_peak_flops() == 123.0e9
     assert list(json.loads((tmp_path / "cpu_peak.json").read_text()).values()) == [123.0e9]
 

@@ -365,19 +365,41 @@ class ClusterConfig:
 
 @dataclass
 class HardwareConfig:
-    """One accelerator's published figures, for MFU and cost; prices are editable."""
+    """One accelerator's published figures, for MFU and cost; prices are editable.
 
-    name: str = "cpu"
-    # Dense peak FLOP/s per device in the training precision; 0 means unknown (no MFU printed).
+    `name: auto` (conf/hardware/auto.yaml) is resolved when the run starts, by trainer/hardware.py: the preset
+    of the GPU found, or the cpu preset; its nonzero fields override the preset's.
+    """
+
+    name: str = "auto"
+    # Dense (no sparsity) peak FLOP/s per device: bf16/fp16 on tensor cores; 0 means unknown (measured instead).
     peak_flops: float = 0.0
+    # fp32 matmuls: TF32 on tensor cores (when torch allows TF32) and full IEEE fp32 (torch's default).
+    peak_flops_tf32: float = 0.0
+    peak_flops_fp32: float = 0.0
     memory_gb: float = 0.0
     memory_bandwidth_gbps: float = 0.0
     price_per_hour: float = 0.0
     tdp_watts: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("peak_flops", "memory_gb", "memory_bandwidth_gbps", "price_per_hour", "tdp_watts"):
+        _require(bool(self.name), "hardware.name", "must name a preset or auto", self.name)
+        for key in ("peak_flops", "peak_flops_tf32", "peak_flops_fp32", "memory_gb", "memory_bandwidth_gbps",
+                    "price_per_hour", "tdp_watts"):
             _require(getattr(self, key) >= 0, f"hardware.{key}", "must be >= 0", getattr(self, key))
+
+    @property
+    def is_auto(self) -> bool:
+        return self.name == "auto"
+
+    def peak_for(self, precision: str, tf32: bool = False) -> float:
+        """Dense peak FLOP/s for matmuls in `precision` (bf16, fp16 or fp32; fp32 as TF32 when `tf32`); 0 if
+        the preset does not give it."""
+        if precision in ("bf16", "fp16"):
+            return self.peak_flops
+        if precision == "fp32":
+            return self.peak_flops_tf32 if tf32 else self.peak_flops_fp32
+        raise ConfigError(f"train.precision={precision!r}: no peak for it (bf16, fp16 or fp32)")
 
 
 @dataclass

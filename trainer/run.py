@@ -34,8 +34,9 @@ from trainer.config import Config, ConfigError
 from trainer.cost import model_flops_per_token
 from trainer.cost.flops import hardware_flops_per_token
 from trainer.cost.memory import Layout, estimate_memory
-from trainer.cost.reconcile import Plan, Reconciler, cpu_peak_flops
+from trainer.cost.reconcile import Plan, Reconciler
 from trainer.engine import Engine, build_model, resolve_precision
+from trainer.hardware import resolve_hardware, run_peak
 from trainer.init_from import check_adapter_base, initialize_from
 from trainer.loop import LoopResult, Progress, train_loop
 from trainer.memory import gather_rank_memory
@@ -279,6 +280,7 @@ def _run(config: Config, topo: Topology, preemption: PreemptionWatch) -> RunSumm
         logging.getLogger().setLevel(logging.WARNING)
     if job := slurm_job_text():
         log.info("%s", job)
+    config = with_hardware(config, topo)  # before anything reads config.hardware
     # Before the data is prepared and the model allocated.
     if config.finetune.lora.enabled and not config.train.init_from:
         raise ConfigError(f"finetune.lora.rank={config.finetune.lora.rank}: adapters fine-tune a base model: set "
@@ -330,7 +332,8 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     log.info("%s; model %s: %s parameters; %s tokens per step on %s (%s)", topo.describe(), config.model.name,
              f"{num_parameters:,}", f"{config.tokens_per_step:,}", topo.device, engine.precision)
     try:
-        reconciler = Reconciler(build_plan(config, topo, padded_vocab, flops_per_token), config.cost.gap_margin)
+        plan = build_plan(config, topo, padded_vocab, flops_per_token, engine.precision)
+        reconciler = Reconciler(plan, config.cost.gap_margin)
         result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
                             reconciler, preemption)
         checkpoint = save(progress)  # the handlers are still in: a signal now is noted, not fatal
@@ -407,11 +410,17 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
     )
 
 
-def build_plan(config: Config, topo: Topology, padded_vocab: int, flops_per_token: float) -> Plan:
-    """The run's plan: its token budget at cost.assumed_mfu of the hardware's peak (a CPU's is measured)."""
-    peak, source = config.hardware.peak_flops, config.hardware.name
-    if peak <= 0:
-        peak, source = cpu_peak_flops(), "CPU (measured matmul peak)"
+def with_hardware(config: Config, topo: Topology) -> Config:
+    """The config with `hardware=auto` (or a preset with no GPU peak, on a GPU) resolved for this device."""
+    hardware, why = resolve_hardware(config.hardware, topo.device)
+    log.info("%s", why)
+    return dataclasses.replace(config, hardware=hardware)
+
+
+def build_plan(config: Config, topo: Topology, padded_vocab: int, flops_per_token: float, precision: str) -> Plan:
+    """The run's plan: its token budget at cost.assumed_mfu of the hardware's peak in the run's precision (the
+    preset's, else measured on the device)."""
+    peak, source = run_peak(config.hardware, topo.device, precision)
     return Plan(
         devices=topo.world_size, peak_flops=peak, peak_source=source, assumed_mfu=config.cost.assumed_mfu,
         flops_per_token=flops_per_token,

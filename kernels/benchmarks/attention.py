@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.attention import attention_reference, attention_sdpa, flash_attention
 from kernels.benchmarks import cannot_run
+from trainer.hardware import detect_gpu, load_preset, preset_for_gpu
 
 SEQ_LENS = [1024 * 2**i for i in range(5)]  # 1k .. 16k
 TOKENS = 4096  # B * T while B >= 1: the same work per step at 1k-4k, then growing as T^2 / T
@@ -29,13 +30,12 @@ MODEL_WIDTH = 2048  # H * D
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = {"triton": "Triton (ours)", "flash": "SDPA flash", "torch": "torch (T x T)"}
 PEAK = "peak"
-# Dense bf16 tensor-core peaks without sparsity, TFLOP/s, by a substring of the device name.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def device_peak_tflops() -> float | None:
-    name = torch.cuda.get_device_properties(0).name
-    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    """The GPU's dense bf16 peak in TFLOP/s from its conf/hardware preset (trainer/hardware.py), None without one."""
+    preset = preset_for_gpu(detect_gpu(torch.device("cuda", 0)))
+    return load_preset(preset).peak_flops / 1e12 if preset else None
 
 
 def flops(mode: str, batch: int, heads: int, seq_len: int, head_dim: int) -> float:

@@ -4,12 +4,14 @@
     python -m trainer.cost estimate model=gpt3-1.3b hardware=h100-sxm parallel.tp=2 train.micro_batch_size=4
 
 gpus=, tokens=, mfu= (default 0.4), global_batch= (sequences; default GPT-3's batch for the size) and top= are
-the CLI's own; every other key=value is a Hydra override composed with conf/config.yaml. Bad input prints one
-line naming the problem and exits with status 2.
+the CLI's own; every other key=value is a Hydra override composed with conf/config.yaml. hardware=auto (the
+default) means this machine's GPU, so without one name a preset. Bad input prints one line naming the problem
+and exits with status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -68,10 +70,12 @@ def main(argv: list[str]) -> int:
 
     from trainer.config import ConfigError, compose_config
     from trainer.cost.report import estimate_report, format_estimate, format_plan, plan_report
+    from trainer.hardware import resolve_for_cost_cli
 
     try:
         command, own, overrides, as_json = parse(argv)
         config = compose_config(overrides)
+        config = dataclasses.replace(config, hardware=resolve_for_cost_cli(config.hardware))
         check(command, own, config)
         if command == "plan":
             report = plan_report(config, own["gpus"], own["tokens"], own.get("mfu", 0.4), own.get("global_batch"),

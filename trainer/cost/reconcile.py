@@ -23,35 +23,69 @@ log = logging.getLogger(__name__)
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hydragpt" / "cpu_peak.json"
 
 
-def measure_cpu_peak(size: int = 1024, seconds: float = 0.2, trials: int = 5) -> float:
-    """FLOP/s of an fp32 matmul on this process's CPU threads (2 n^3 FLOPs per n x n product).
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    The best of several short trials, so that a neighbour's burst of work does not pass for the peak.
+
+def _time_matmuls(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, repeats: int) -> float:
+    """Seconds for `repeats` products a @ b, the device's queue drained before and after."""
+    _synchronize(a.device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b, out=out)
+    _synchronize(a.device)
+    return time.perf_counter() - started
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
+                        seconds: float = 0.2, trials: int = 5) -> float:
+    """FLOP/s of an n x n matmul in `dtype` on `device` (2 n^3 FLOPs per product; n = 1024 on a CPU, 8192 on a
+    GPU).
+
+    The best of several trials of about `seconds` each, so that a neighbour's burst of work does not pass for
+    the peak.
     """
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up the BLAS
-    best = 0.0
-    for _ in range(trials):
-        repeats, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            a @ b
-            repeats += 1
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started))
-    return best
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    _time_matmuls(a, b, out, 1)  # warm up the BLAS
+    once = _time_matmuls(a, b, out, 1)
+    repeats = max(1, round(seconds / max(once, 1e-6)))
+    return max(2 * size**3 * repeats / _time_matmuls(a, b, out, repeats) for _ in range(trials))
 
 
-def cpu_peak_flops() -> float:
-    """The CPU's matmul peak, measured once per machine and thread count, then read from a cache file.
+def measure_cpu_peak(size: int = 1024, seconds: float = 0.2, trials: int = 5) -> float:
+    """FLOP/s of an fp32 matmul on this process's CPU threads."""
+    return measure_matmul_peak(torch.device("cpu"), torch.float32, size, seconds, trials)
+
+
+def _peak_cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What the measured peak depends on: the processor and its threads, or the GPU; and the dtype (and, for
+    fp32 on a GPU, whether matmuls run as TF32)."""
+    if device.type == "cuda":
+        tf32 = "|tf32" if dtype == torch.float32 and tf32_matmuls() else ""
+        return f"v3|cuda|{torch.cuda.get_device_name(device)}|{dtype}{tf32}"
+    return f"v3|{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype}"
+
+
+def tf32_matmuls() -> bool:
+    """Whether fp32 matmuls on CUDA run on TF32 tensor cores; torch's default (and the trainer's) is full fp32."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """The matmul peak of this CPU or GPU in `dtype`, measured once per machine, then read from a cache file.
 
     Delete the cache file to measure again (e.g. if the machine was busy the first time).
     """
-    key = f"v2|{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}"
+    key = _peak_cache_key(device, dtype)
     try:
         cached = json.loads(CACHE.read_text())
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_cpu_peak()
+        cached[key] = measure_matmul_peak(device, dtype)
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         tmp = CACHE.with_name(CACHE.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cached))
@@ -59,12 +93,17 @@ def cpu_peak_flops() -> float:
     return float(cached[key])
 
 
+def cpu_peak_flops() -> float:
+    """The CPU's fp32 matmul peak (measured once per machine and thread count, then cached)."""
+    return measured_peak_flops(torch.device("cpu"), torch.float32)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the run should achieve if it reaches the assumed MFU."""
 
     devices: int
-    peak_flops: float  # per device; measured for a CPU
+    peak_flops: float  # per device in the run's precision; measured for a CPU or a GPU without a preset
     peak_source: str
     assumed_mfu: float
     flops_per_token: float  # model FLOPs

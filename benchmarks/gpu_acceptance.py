@@ -193,13 +193,25 @@ def detected_hardware_preset() -> str | None:
     return detect_hardware().name
 
 
+# The variants the acceptance training runs compile (gpt3-350m: 1024 wide, 16 heads of 64; gpt3-1.3b: 2048
+# wide, 32 heads of 64) and the head dim the benchmarks add.
+KERNEL_VARIANTS = {
+    "attention d64": ("attention", {"head_dim": 64}),
+    "attention d128": ("attention", {"head_dim": 128}),
+    "attention d64 packed": ("attention", {"head_dim": 64, "segmented": True}),
+    "layernorm 1024": ("layernorm", {"width": 1024}),
+    "layernorm 2048": ("layernorm", {"width": 2048}),
+    "rmsnorm 2048": ("rmsnorm", {"width": 2048}),
+}
+
+
 def kernel_checks(torch) -> dict:
-    """kernel -> dtype -> whether the Triton kernel matched its torch reference on this GPU."""
+    """variant -> dtype -> whether the Triton kernel matched its torch reference on this GPU (kernels.validation)."""
     from kernels.validation import triton_validated
 
-    return {kernel: {str(dtype).removeprefix("torch."): triton_validated(kernel, torch.device("cuda"), dtype)
-                     for dtype in (torch.bfloat16, torch.float16)}
-            for kernel in ("attention", "layernorm")}
+    return {name: {str(dtype).removeprefix("torch."): triton_validated(kernel, "cuda", dtype, **variant)
+                   for dtype in (torch.bfloat16, torch.float16)}
+            for name, (kernel, variant) in KERNEL_VARIANTS.items()}
 
 
 def part_environment(ctx: Context) -> dict:

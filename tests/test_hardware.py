@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -161,3 +163,10 @@ def test_the_cost_cli_without_a_gpu_asks_for_a_preset(command, monkeypatch, caps
 
 def test_the_matmul_probe_measures_bf16_on_the_cpu():
     assert reconcile.measure_matmul_peak(CPU, torch.bfloat16, size=64, seconds=0.01, trials=1) > 1e6
+
+
+def test_the_cost_cli_estimates_an_unknown_gpu_in_bf16_against_its_memory(fake_gpu, capsys):
+    assert cost_main(["estimate", "model=gpt3-350m", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["hardware"]["name"] == "NVIDIA L40S" and report["layout"]["precision"] == "bf16"
+    assert report["memory"]["budget"] == 48 and report["step_times"] is None

@@ -33,9 +33,11 @@ def default_global_batch(num_parameters: float, seq_len: int) -> int:
 
 
 def config_layout(config: Config) -> Layout:
-    """The layout the config describes; bf16 mixed precision unless fp32 is asked for or the hardware is a CPU."""
+    """The layout the config describes; bf16 mixed precision unless fp32 is asked for or the hardware is a CPU
+    (a GPU without a preset has its memory but no peak)."""
     precision = config.train.precision
-    on_gpu = config.hardware.peak_flops > 0 and config.hardware.name != "cpu"
+    hardware = config.hardware
+    on_gpu = hardware.name != "cpu" and (hardware.peak_flops > 0 or hardware.memory_gb > 0)
     bf16 = precision in ("bf16", "fp16") or (precision == "auto" and on_gpu)
     p = config.parallel
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, zero_stage=p.zero_stage, micro_batch=config.train.micro_batch_size,

@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 # them with this checkout's venv, so another checkout's build does not make this one compile again.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup train finetune test test-fast lint clean
+.PHONY: setup train finetune test test-fast compile-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed" $(ARGS)
+
+# Compile every Triton kernel for sm_80 and sm_90a (no GPU needed; cached, so a rerun compiles only what
+# changed): writes docs/kernel_resources.md and kernels/compiled_resources.json, the table the autotuners prune
+# spilling tiles with; fails when a config they may pick spills, overflows shared memory or lacks tensor cores.
+compile-check: setup
+	$(PY) -m kernels.benchmarks.resources --quiet $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check trainer kernels data_pipeline launch tests

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.compile_check import resource_pruner
+
 ATTENTION_IMPLS = ("auto", "triton", "torch_sdpa", "reference")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -140,15 +142,26 @@ def _autotune_configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Con
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w) for m, n, s, w in tiles]
 
 
-# Tiles of the tutorial's sweep that win on H100 (128x64, 3-4 stages) and A100 (64-128 x 32-64, 4 warps);
-# tiles that overflow shared memory on a device (e.g. 128x128 at D=128 on A100) are skipped by the tuner.
-_FWD_CONFIGS = _autotune_configs(
-    [(128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4), (64, 64, 3, 4), (64, 32, 4, 4)]
-)
+def _tuning(kernel: str) -> dict:
+    """The autotuner's early_config_prune for `kernel`: drops the tiles that spill registers or overflow shared
+    memory on the running GPU, as compiled ahead of time into kernels/compiled_resources.json (see
+    kernels/compile_check.py; `make compile-check` refreshes it). A GPU the table does not know prunes nothing."""
+    return {"early_config_prune": resource_pruner(kernel)}
+
+
+# The tiles each kernel may be tuned over, (BLOCK_M, BLOCK_N, num_stages, num_warps), kept as data so that the
+# compile check (kernels/compile_check.py) compiles all of them even where the interpreter tunes nothing.
+# Forward: tiles of the tutorial's sweep that win on H100 (128x64, 3-4 stages) and A100 (64-128 x 32-64, 4 warps).
+FWD_TILES = [(128, 64, 3, 4), (128, 64, 4, 8), (128, 128, 3, 8), (128, 32, 4, 4), (64, 64, 3, 4), (64, 32, 4, 4)]
 # dK/dV: a key block of BLOCK_N rows stays in registers while BLOCK_M query rows stream past (BLOCK_N % BLOCK_M == 0).
-_BWD_DKDV_CONFIGS = _autotune_configs([(32, 128, 3, 8), (32, 128, 4, 4), (64, 128, 3, 8), (32, 64, 4, 4), (64, 64, 3, 4)])
+# The last tile is for fp32 at head dim 128, where every other one spills on A100.
+BWD_DKDV_TILES = [(32, 128, 3, 8), (32, 128, 4, 4), (64, 128, 3, 8), (32, 64, 4, 4), (64, 64, 3, 4), (16, 32, 2, 4)]
 # dQ: a query block of BLOCK_M rows stays while BLOCK_N key rows stream past (BLOCK_M % BLOCK_N == 0).
-_BWD_DQ_CONFIGS = _autotune_configs([(128, 32, 3, 8), (128, 32, 4, 4), (128, 64, 3, 8), (64, 32, 4, 4), (64, 64, 3, 4)])
+# The last tile is for fp32 at head dim 128, where every other one spills on A100.
+BWD_DQ_TILES = [(128, 32, 3, 8), (128, 32, 4, 4), (128, 64, 3, 8), (64, 32, 4, 4), (64, 64, 3, 4), (64, 32, 2, 8)]
+_FWD_CONFIGS = _autotune_configs(FWD_TILES)
+_BWD_DKDV_CONFIGS = _autotune_configs(BWD_DKDV_TILES)
+_BWD_DQ_CONFIGS = _autotune_configs(BWD_DQ_TILES)
 
 
 @triton.jit
@@ -190,7 +203,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, seg_q, K, V, SEG, qk_scale, offs_m, lo, hi
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"],
+                 prune_configs_by=_tuning("_attn_fwd_kernel"))
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, H, T, HEAD_DIM) queries
@@ -303,7 +317,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, seg_k, Q, DO, L, Delta, SEG, qk_scale, of
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "GROUP", "SEGMENTED"])
+@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "GROUP", "SEGMENTED"],
+                 prune_configs_by=_tuning("_attn_bwd_dkdv_kernel"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V,  # inputs as in the forward
@@ -397,7 +412,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, seg_q, K, V, SEG, qk_scale, offs_
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"])
+@triton.autotune(configs=_BWD_DQ_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL", "SEGMENTED"],
+                 prune_configs_by=_tuning("_attn_bwd_dq_kernel"))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, L, Delta,  # as in the dK/dV kernel

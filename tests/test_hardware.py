@@ -61,7 +61,7 @@ def test_auto_is_the_default_and_the_cpu_preset_on_a_cpu():
     assert config.hardware.is_auto
     resolved, why = hw.resolve_hardware(config.hardware, CPU)
     assert resolved.name == "cpu" and resolved.peak_flops == 0
-    assert why.startswith("hardware=auto on a CPU: the cpu preset")
+    assert why == "hardware=auto on a CPU: the cpu preset"
 
 
 def test_auto_keeps_the_fields_set_on_the_command_line():
@@ -79,7 +79,7 @@ def test_auto_on_a_known_gpu_is_its_preset():
 def test_auto_on_an_unknown_gpu_says_so_and_keeps_its_memory():
     resolved, why = hw.resolve_for_gpu(HardwareConfig(), hw.Gpu("NVIDIA L40S", 48 * GiB, (8, 9)))
     assert resolved.name == "NVIDIA L40S" and resolved.memory_gb == 48 and resolved.peak_flops == 0
-    assert "no preset for NVIDIA L40S (capability 8.9)" in why and "measured on it" in why
+    assert "no preset for NVIDIA L40S (capability 8.9)" in why and "its peak is measured" in why
 
 
 def test_an_explicit_gpu_preset_is_kept_as_given():
@@ -170,3 +170,18 @@ def test_the_cost_cli_estimates_an_unknown_gpu_in_bf16_against_its_memory(fake_g
     report = json.loads(capsys.readouterr().out)
     assert report["hardware"]["name"] == "NVIDIA L40S" and report["layout"]["precision"] == "bf16"
     assert report["memory"]["budget"] == 48 and report["step_times"] is None
+
+
+def test_measured_peaks_are_cached_per_gpu_dtype_and_tf32(tmp_path, monkeypatch):
+    monkeypatch.setattr(reconcile, "CACHE", tmp_path / "peaks.json")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    monkeypatch.setattr(reconcile, "measure_matmul_peak", lambda device, dtype: {torch.bfloat16: 3e14}.get(dtype, 9e13))
+    assert reconcile.measured_peak_flops(CUDA, torch.bfloat16) == 3e14
+    assert reconcile.measured_peak_flops(CUDA, torch.float32) == 9e13
+    monkeypatch.setattr(reconcile, "tf32_matmuls", lambda: True)
+    monkeypatch.setattr(reconcile, "measure_matmul_peak", lambda device, dtype: 1.8e14)
+    assert reconcile.measured_peak_flops(CUDA, torch.float32) == 1.8e14
+    monkeypatch.setattr(reconcile, "measure_matmul_peak", lambda device, dtype: pytest.fail("measured twice"))
+    assert reconcile.measured_peak_flops(CUDA, torch.bfloat16) == 3e14
+    assert sorted(json.loads((tmp_path / "peaks.json").read_text())) == [
+        "v3|cuda|NVIDIA L40S|torch.bfloat16", "v3|cuda|NVIDIA L40S|torch.float32", "v3|cuda|NVIDIA L40S|torch.float32|tf32"]

@@ -101,10 +101,9 @@ def resolve_hardware(hardware: HardwareConfig, device: torch.device) -> tuple[Ha
 def _resolve_on_cpu(hardware: HardwareConfig) -> tuple[HardwareConfig, str]:
     if hardware.is_auto:
         return (with_overrides(load_preset("cpu"), hardware),
-                "hardware=auto on a CPU: the cpu preset, MFU against a matmul peak measured on it")
+                "hardware=auto on a CPU: the cpu preset")
     if hardware.peak_flops > 0:
-        return hardware, (f"hardware={hardware.name} as given, though the run is on a CPU: "
-                          "MFU and cost are against that preset's figures")
+        return hardware, f"hardware={hardware.name} as given, though the run is on a CPU"
     return hardware, f"hardware={hardware.name} as given"
 
 
@@ -120,7 +119,7 @@ def resolve_for_gpu(hardware: HardwareConfig, gpu: Gpu) -> tuple[HardwareConfig,
     unknown = HardwareConfig(name=gpu.name, memory_gb=gpu.memory_bytes / GiB)
     return (with_overrides(unknown, hardware),
             f"{why}: no preset for {gpu.name} (capability {gpu.capability[0]}.{gpu.capability[1]}) in "
-            f"conf/hardware; MFU against a matmul peak measured on it")
+            "conf/hardware, so its peak is measured")
 
 
 def run_peak(hardware: HardwareConfig, device: torch.device, precision: str) -> tuple[float, str]:

@@ -411,9 +411,14 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
 
 
 def with_hardware(config: Config, topo: Topology) -> Config:
-    """The config with `hardware=auto` (or a preset with no GPU peak, on a GPU) resolved for this device."""
+    """The config with `hardware=auto` (or a preset with no GPU peak, on a GPU) resolved for this device; logs
+    which preset and the peak MFU will be taken against, measuring it now if it must be measured (cached for the
+    plan), before the model takes the device's memory."""
     hardware, why = resolve_hardware(config.hardware, topo.device)
-    log.info("%s", why)
+    peak, source = run_peak(hardware, topo.device, resolve_precision(config.train.precision, topo.device))
+    if topo.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(topo.device)  # a probe's matrices are not the run's memory
+    log.info("%s; MFU against %s, %.4g TFLOP/s", why, source, peak / 1e12)
     return dataclasses.replace(config, hardware=hardware)
 
 

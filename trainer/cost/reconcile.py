@@ -47,7 +47,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
     the peak.
     """
     size = size or (8192 if device.type == "cuda" else 1024)
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty_like(a)
     _time_matmuls(a, b, out, 1)  # warm up the BLAS
     once = _time_matmuls(a, b, out, 1)

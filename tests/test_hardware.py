@@ -185,3 +185,12 @@ def test_measured_peaks_are_cached_per_gpu_dtype_and_tf32(tmp_path, monkeypatch)
     assert reconcile.measured_peak_flops(CUDA, torch.bfloat16) == 3e14
     assert sorted(json.loads((tmp_path / "peaks.json").read_text())) == [
         "v3|cuda|NVIDIA L40S|torch.bfloat16", "v3|cuda|NVIDIA L40S|torch.float32", "v3|cuda|NVIDIA L40S|torch.float32|tf32"]
+
+
+def test_detect_hardware_is_what_auto_resolves_to_here(fake_gpu, monkeypatch):
+    assert hw.detect_hardware().name == "NVIDIA L40S"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert hw.detect_hardware() == hw.load_preset("h200")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hw.detect_hardware().name == "cpu"

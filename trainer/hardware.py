@@ -98,6 +98,15 @@ def resolve_hardware(hardware: HardwareConfig, device: torch.device) -> tuple[Ha
     return resolve_for_gpu(hardware, detect_gpu(device))
 
 
+def detect_hardware(device: torch.device | None = None) -> HardwareConfig:
+    """The preset hardware=auto resolves to on `device` (by default the first GPU, else the CPU)."""
+    import torch
+
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return resolve_hardware(HardwareConfig(), device)[0]
+
+
 def _resolve_on_cpu(hardware: HardwareConfig) -> tuple[HardwareConfig, str]:
     if hardware.is_auto:
         return (with_overrides(load_preset("cpu"), hardware),

@@ -194,3 +194,10 @@ def test_detect_hardware_is_what_auto_resolves_to_here(fake_gpu, monkeypatch):
     assert hw.detect_hardware() == hw.load_preset("h200")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert hw.detect_hardware().name == "cpu"
+
+
+def test_a_preset_with_an_unknown_field_names_it(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("name: mine\npeak_tflops: 100\n")
+    monkeypatch.setattr(hw, "PRESETS_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="hardware.peak_tflops: not a hardware field"):
+        hw.load_preset("mine")

@@ -73,7 +73,12 @@ def load_preset(name: str) -> HardwareConfig:
     if not path.is_file():
         choices = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
         raise ConfigError(f"hardware={name}: no such preset (no {path}); choose one of {choices}")
-    return HardwareConfig(**OmegaConf.to_container(OmegaConf.load(path)))
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    known = {f.name for f in dataclasses.fields(HardwareConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"hardware.{unknown[0]}: not a hardware field (in {path}); known: {', '.join(sorted(known))}")
+    return HardwareConfig(**values)
 
 
 def with_overrides(preset: HardwareConfig, given: HardwareConfig) -> HardwareConfig:

@@ -14,7 +14,7 @@ from benchmarks import gpu_acceptance as acc
 
 def write_metrics(path, losses, tokens_per_s, device_peak_mb=2048.0):
     rows = [{"step": 5 * (i + 1), "train/loss": loss, "perf/tokens_per_s": tps, "perf/step_s": 16384 / tps,
-             "cost/mfu": tps / 100_000} for i, (loss, tps) in enumerate(zip(losses, tokens_per_s))]
+             "cost/mfu": tps / 100_000} for i, (loss, tps) in enumerate(zip(losses, tokens_per_s, strict=True))]
     rows.insert(1, {"step": 5, "val/loss": 9.0})
     rows.append({"summary": {"memory_per_rank": [{"peak_rss_mb": 900.0, "device_peak_mb": device_peak_mb}]}})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

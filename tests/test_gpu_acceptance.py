@@ -125,3 +125,14 @@ def test_without_a_gpu_the_command_says_so_and_writes_its_summary(tmp_path):
     assert summary["parts"]["environment"]["status"] == "failed"
     assert "no CUDA device" in summary["parts"]["environment"]["error"]
     assert "| environment | failed" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_columns_read_are_the_ones_the_benchmarks_write():
+    from kernels.benchmarks import attention as attention_bench
+    from kernels.benchmarks import layernorm as layernorm_bench
+
+    (bench,) = attention_bench._benchmarks(["fwd+bwd"], 128, None, [1024, 4096])
+    assert {acc.OURS, acc.FLASH, acc.CUDNN} <= set(bench.line_names) and bench.x_vals == [1024, 4096]
+    assert bench.plot_name == "attention-causal-fwd-bwd-d128-bf16"
+    (bench,) = layernorm_bench._benchmarks(["forward+backward"], "bf16")
+    assert {acc.OURS, acc.LN_TORCH, acc.COPY} <= set(bench.line_names) and "forward-backward" in bench.plot_name

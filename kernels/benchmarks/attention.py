@@ -1,9 +1,9 @@
-"""Causal attention throughput: our Triton flash attention vs SDPA's flash backend vs plain torch.
+"""Causal attention throughput: our Triton flash attention vs SDPA's flash and cuDNN backends vs plain torch.
 
     python -m kernels.benchmarks.attention [--head-dim 128|64] [--mode fwd|bwd|fwd+bwd|all]
-                                           [--out benchmarks/results/attention]
+                                           [--seq-lens 1024,4096,16384] [--out benchmarks/results/attention]
 
-bf16, causal, T from 1024 to 16384 with B * T = 4096 tokens until B reaches 1, H * D = 2048 (16 heads of 128,
+bf16, causal, T from 1024 to 16384 (or --seq-lens) with B * T = 4096 tokens until B reaches 1, H * D = 2048 (16 heads of 128,
 32 of 64). Reports TFLOP/s and, where the device is known, its dense bf16 peak. Needs CUDA, triton.testing's
 pandas and matplotlib.
 """
@@ -28,7 +28,8 @@ SEQ_LENS = [1024 * 2**i for i in range(5)]  # 1k .. 16k
 TOKENS = 4096  # B * T while B >= 1: the same work per step at 1k-4k, then growing as T^2 / T
 MODEL_WIDTH = 2048  # H * D
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = {"triton": "Triton (ours)", "flash": "SDPA flash", "torch": "torch (T x T)"}
+PROVIDERS = {"triton": "Triton (ours)", "flash": "SDPA flash", "cudnn": "SDPA cuDNN", "torch": "torch (T x T)"}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 PEAK = "peak"
 
 
@@ -52,13 +53,14 @@ def fits_plain_torch(batch: int, heads: int, seq_len: int) -> bool:
     return 16 * batch * heads * seq_len**2 < 0.5 * torch.cuda.get_device_properties(0).total_memory
 
 
-def _benchmarks(modes: list[str], head_dim: int, peak: float | None) -> list[triton.testing.Benchmark]:
+def _benchmarks(modes: list[str], head_dim: int, peak: float | None, seq_lens: list[int]
+                ) -> list[triton.testing.Benchmark]:
     lines = list(PROVIDERS) + ([PEAK] if peak else [])
     names = list(PROVIDERS.values()) + ([f"device peak ({peak:.0f})"] if peak else [])
-    styles = [("blue", "-"), ("green", "-"), ("orange", "-"), ("black", "--")]
+    styles = [("blue", "-"), ("green", "-"), ("red", "-"), ("orange", "-"), ("black", "--")]
     return [
         triton.testing.Benchmark(
-            x_names=["T"], x_vals=SEQ_LENS, line_arg="provider", line_vals=lines, line_names=names,
+            x_names=["T"], x_vals=seq_lens, line_arg="provider", line_vals=lines, line_names=names,
             styles=styles[: len(lines)], xlabel="sequence length", ylabel="TFLOP/s", x_log=True,
             plot_name=f"attention-causal-{mode.replace('+', '-')}-d{head_dim}-bf16",
             args={"mode": mode, "head_dim": head_dim, "peak": peak},
@@ -74,8 +76,8 @@ def bench_attention(T: int, provider: str, mode: str, head_dim: int, peak: float
         return peak, peak, peak
     if provider == "torch" and not fits_plain_torch(batch, heads, T):
         return float("nan"), float("nan"), float("nan")
-    fn = {"triton": flash_attention, "flash": attention_sdpa, "torch": attention_reference}[provider]
-    backend = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if provider == "flash" else contextlib.nullcontext()
+    fn = {"triton": flash_attention, "torch": attention_reference}.get(provider, attention_sdpa)
+    backend = sdpa_kernel(SDPA_BACKENDS[provider]) if provider in SDPA_BACKENDS else contextlib.nullcontext()
     q, k, v = (
         torch.randn(batch, heads, T, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd")
         for _ in range(3)
@@ -94,6 +96,11 @@ def bench_attention(T: int, provider: str, mode: str, head_dim: int, peak: float
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return float("nan"), float("nan"), float("nan")
+    except RuntimeError as exc:  # an SDPA backend this build or GPU lacks (e.g. cuDNN): no figure, say why
+        if provider not in SDPA_BACKENDS:
+            raise
+        print(f"{PROVIDERS[provider]} at T={T}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return float("nan"), float("nan"), float("nan")
     work = flops(mode, batch, heads, T, head_dim)
 
     def tflops(t_ms: float) -> float:
@@ -102,11 +109,22 @@ def bench_attention(T: int, provider: str, mode: str, head_dim: int, peak: float
     return tflops(ms), tflops(max_ms), tflops(min_ms)
 
 
+def _seq_lens(text: str) -> list[int]:
+    try:
+        lens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if not lens or min(lens) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: sequence lengths must be >= 16")
+    return lens
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep, print the tables, write one CSV and one PNG per mode under --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, choices=[64, 128], default=128)
     parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    parser.add_argument("--seq-lens", type=_seq_lens, default=SEQ_LENS, help="comma-separated, e.g. 1024,4096")
     parser.add_argument("--out", default="benchmarks/results/attention", help="folder for the CSV and PNG files")
     args = parser.parse_args(argv)
     reason = cannot_run("attention")
@@ -118,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)  # perf_report saves each PNG before it creates the folder
     print(f"Causal attention, bf16, D={args.head_dim}, H={MODEL_WIDTH // args.head_dim}, B*T={TOKENS} (B >= 1), "
           f"TFLOP/s on {torch.cuda.get_device_name()}; device peak: {peak or 'unknown'}")
-    triton.testing.perf_report(_benchmarks(modes, args.head_dim, peak))(bench_attention).run(
+    triton.testing.perf_report(_benchmarks(modes, args.head_dim, peak, args.seq_lens))(bench_attention).run(
         print_data=True, save_path=args.out
     )
     print(f"CSV and PNG written to {args.out}/")

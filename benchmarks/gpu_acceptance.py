@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class Context:
     deadline: float
     models: dict = field(default_factory=lambda: dict(MODELS))
     steps: int = TRAIN_STEPS
+    hardware: str = "auto"
 
     part_deadline: float = 0.0  # set when a part starts: its own limit, within the run's budget
 
@@ -149,7 +151,7 @@ def engine_python(out: Path, wheels: Path | None) -> tuple[str, dict, str]:
     """(python, environment, how the packages were found) able to import the training engine."""
     env = with_pythonpath(dict(os.environ, DS_BUILD_OPS="0", WANDB_MODE="offline"))
     env.pop("TRITON_INTERPRET", None)
-    env.setdefault("DS_ACCELERATOR", "cuda")
+    env.setdefault("DS_ACCELERATOR", "cuda" if shutil.which("nvidia-smi") else "cpu")  # as the Makefile does
     missing = missing_modules(sys.executable, env)
     if not missing:
         return sys.executable, env, "already installed"
@@ -255,6 +257,9 @@ def part_training(ctx: Context) -> dict:
             except PartFailed as failed:
                 runs[name] = {"error": str(failed)}
             write_partial(ctx, "training", runs)
+    failed = [name for name, run in runs.items() if "error" in run]
+    if failed:
+        raise PartFailed(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}")
     return runs
 
 
@@ -276,24 +281,25 @@ def prepared_corpus(ctx: Context, vocab_size: int) -> Path:
     return data_dir
 
 
-def train_overrides(model: str, micro_batch: int, data_dir: Path) -> list[str]:
+def train_overrides(model: str, micro_batch: int, data_dir: Path, hardware: str) -> list[str]:
     """The Hydra overrides a training run and its cost estimate share."""
     return [f"model={model}", f"train.micro_batch_size={micro_batch}", "train.grad_accum_steps=1",
-            "hardware=auto", f"data.prepared_dir={data_dir}", *DATA_OVERRIDES]
+            f"hardware={hardware}", f"data.prepared_dir={data_dir}", *DATA_OVERRIDES]
 
 
 def train_one(ctx: Context, model: str, micro_batch: int, kernels: str, data_dir: Path) -> dict:
     """Train one model with one kernel path; measured figures beside the cost model's prediction."""
     run_dir = ctx.out / "runs" / f"{model}-{kernels}"
-    shared = train_overrides(model, micro_batch, data_dir)
+    shared = train_overrides(model, micro_batch, data_dir, ctx.hardware)
     ctx.run([ctx.python, "-m", "trainer.pretrain", *shared, *KERNEL_PATHS[kernels],
              f"train.max_steps={ctx.steps}", f"train.log_interval={LOG_INTERVAL}", "train.eval_interval=0",
-             "train.eval_batches=2", "train.checkpoint_interval=0", "train.resume=never", "logging.wandb=false",
+             "train.eval_batches=2", "train.checkpoint_interval=0", "train.final_checkpoint=false",
+             "train.resume=never", "logging.wandb=false", f"optim.warmup_steps={min(10, ctx.steps)}",
              "train.progress_bar=false", f"train.run_name={model}-{kernels}", f"hydra.run.dir={run_dir}"],
             "training", ctx.seconds_left())
     measured = metrics_summary(run_dir / "metrics.jsonl")
-    estimate = ctx.run([ctx.python, "-m", "trainer.cost", "estimate", *shared, "--json"], "training", min(60, ctx.seconds_left()),
-                       capture=True)
+    estimate = ctx.run([ctx.python, "-m", "trainer.cost", "estimate", *shared, "--json"], "training",
+                       min(60, ctx.seconds_left()), capture=True)
     predicted = predicted_figures(json.loads(estimate))
     return measured | predicted | compare(measured, predicted)
 
@@ -513,6 +519,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--models", default=",".join(MODELS), help="model presets to train (micro-batch 8)")
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training steps per run")
+    parser.add_argument("--hardware", default="auto", help="hardware preset of the runs and estimates")
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:
@@ -537,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["packages"] = packages
     write_summary(out, summary)
     models = {m: MODELS.get(m, 8) for m in args.models.split(",") if m}
-    ctx = Context(out=out, python=python, env=env, deadline=deadline, models=models, steps=args.steps)
+    ctx = Context(out=out, python=python, env=env, deadline=deadline, models=models, steps=args.steps,
+                  hardware=args.hardware)
     for part in args.parts.split(","):
         print(f"gpu_acceptance: {part} ...", flush=True)
         summary["parts"][part] = run_part(ctx, part)

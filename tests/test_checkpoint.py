@@ -265,3 +265,18 @@ def test_pruning_never_counts_checkpoints_newer_than_the_one_saved(tmp_path):
     _save(tmp_path, 3, keep_last=1)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
     assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000003"
+
+
+@pytest.mark.parametrize(("final_checkpoint", "preempted_by", "saved"),
+                         [(True, None, True), (False, None, False), (False, "SIGUSR1", True)])
+def test_the_final_checkpoint_is_optional_but_a_preempted_run_always_writes_one(final_checkpoint, preempted_by,
+                                                                                saved):
+    from types import SimpleNamespace
+
+    from trainer.run import _final_checkpoint
+
+    calls = []
+    config = SimpleNamespace(train=SimpleNamespace(final_checkpoint=final_checkpoint))
+    result = SimpleNamespace(preempted_by=preempted_by)
+    path = _final_checkpoint(config, "progress", result, lambda progress: calls.append(progress) or "ckpt")
+    assert (calls == ["progress"], path) == (saved, "ckpt" if saved else None)

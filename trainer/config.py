@@ -208,6 +208,8 @@ class TrainConfig:
     eval_batches: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 200
+    # false: no checkpoint when the run ends (benchmarks, smoke tests); a preempted run still writes one.
+    final_checkpoint: bool = True
     keep_last_checkpoints: int = 2
     # A step whose gradient norm or loss is not finite is skipped (weights and Adam moments untouched, logged
     # as train/skipped_steps); this many skipped in a row stop the run: training has diverged.

@@ -58,7 +58,7 @@ class RunSummary:
     train_loss: float
     val_loss: float
     unigram_entropy: float
-    checkpoint: str
+    checkpoint: str | None  # None: train.final_checkpoint=false
     tokens_seen: int
     tokens_trained: int
     flops: float
@@ -336,7 +336,7 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
         reconciler = Reconciler(plan, config.cost.gap_margin)
         result = train_loop(engine, stream, val, config, topo, progress, save, sink, flops_per_token,
                             reconciler, preemption)
-        checkpoint = save(progress)  # the handlers are still in: a signal now is noted, not fatal
+        checkpoint = _final_checkpoint(config, progress, result, save)
         if result.preempted_by:  # the machines are going: no final evaluation, straight out
             raise Preempted(result.preempted_by, progress.step, str(checkpoint))
         if not result.val_losses:  # nothing trained (already finished): still report where the model is
@@ -351,6 +351,14 @@ def _train(config: Config, topo: Topology, index: dict, engine: Engine, stream,
     if topo.is_main:
         _report_plan(reconciler, summary, config, topo, padded_vocab, run_dir, engine.precision)
     return summary
+
+
+def _final_checkpoint(config: Config, progress: Progress, result: LoopResult, save) -> Path | None:
+    """The checkpoint the run ends with; none with train.final_checkpoint=false, unless it was preempted."""
+    if config.train.final_checkpoint or result.preempted_by:
+        return save(progress)  # the handlers are still in: a signal now is noted, not fatal
+    log.info("no final checkpoint (train.final_checkpoint=false)")
+    return None
 
 
 def memory_layout(config: Config, topo: Topology, precision: str) -> Layout:
@@ -391,7 +399,7 @@ def device_memory(device: torch.device) -> tuple[float, str]:
     return psutil.virtual_memory().available / local_ranks, f"of available RAM{share}"
 
 
-def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: Path,
+def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: Path | None,
                flops_per_token: float, num_parameters: int) -> RunSummary:
     last_train = result.train_losses[max(result.train_losses)] if result.train_losses else float("nan")
     return RunSummary(
@@ -399,7 +407,7 @@ def _summarise(progress: Progress, result: LoopResult, index: dict, checkpoint: 
         train_loss=last_train,
         val_loss=result.val_losses[max(result.val_losses)],
         unigram_entropy=index.get("train_unigram_entropy_nats", float("nan")),
-        checkpoint=str(checkpoint),
+        checkpoint=str(checkpoint) if checkpoint else None,
         tokens_seen=progress.tokens_seen,
         tokens_trained=result.tokens_trained,
         flops=result.tokens_trained * flops_per_token,

@@ -43,6 +43,13 @@ DTYPES = ("fp16", "bf16", "fp32")
 # Layer-norm row widths: GPT widths, and the widest row the fused kernel takes (64 KiB of input).
 LN_WIDTHS = (768, 2048, 4096, 8192, 12288)
 LN_MAX_WIDTHS = {"fp16": 32768, "bf16": 32768, "fp32": 16384}
+# Problems the check reports without failing, until the kernel is fixed: (kernel, smallest size) -> why.
+KNOWN_PROBLEMS = {
+    ("_layer_norm_bwd_dx_kernel", 12288): (
+        "rows of 16k-32k elements run on 16-32 warps (calculate_settings), which caps a thread at 128/64 "
+        "registers, and the kernel keeps w, dw and db for its share of the row besides x, dy and xhat; a fix "
+        "belongs in kernels/layernorm.py"),
+}
 # Bumped when what a case compiles changes in this file (signatures, specialisation): old caches then miss.
 CHECK_VERSION = 1
 
@@ -172,7 +179,8 @@ def cases(kernels: Iterable[str] | None = None, targets: Iterable[int] = (80, 90
           dtypes: Iterable[str] = DTYPES) -> list[Case]:
     """Every case to compile. Attention: each tile x dtype x head dim 16-128 x causal or not (x GROUP 1, 2 for
     dK/dV); `full` adds SEGMENTED (packed samples) and GROUP 2 for the kernels where GROUP is only an index
-    division. Layer norm: LayerNorm with and without bias and RMSNorm at LN_WIDTHS and the widest row."""
+    division. Layer norm: LayerNorm with bias and RMSNorm (`full`: LayerNorm without bias too) at LN_WIDTHS and
+    the widest row the kernel takes, with calculate_settings' block and warps."""
     from kernels.attention import TRITON_HEAD_DIMS
 
     out = []
@@ -424,7 +432,7 @@ class ResultCache:
             table = load_table()
             entry = table.get("kernels", {}).get(kernel, {})
             if entry.get("source_hash") == self.hash(kernel):
-                found.update({Case.from_json(r).key: _result_of(r) for r in entry["results"]})
+                found.update({c.key: r for c, r in table_rows({"kernels": {kernel: entry}})})
             with contextlib.suppress(OSError, ValueError):
                 found.update(json.loads(self._path(kernel).read_text()))
             self.results[kernel] = found
@@ -507,9 +515,10 @@ def load_table(path: Path = TABLE_PATH) -> dict:
 
 
 def table_rows(table: dict) -> Iterator[tuple[Case, dict]]:
-    for entry in table.get("kernels", {}).values():
+    """(case, result) of every row of a table."""
+    for kernel, entry in table.get("kernels", {}).items():
         for row in entry["results"]:
-            yield Case.from_json(row), _result_of(row)
+            yield Case.from_json({**row, "kernel": kernel}), _result_of(row)
 
 
 def write_table(results: dict[Case, dict], cache: ResultCache, path: Path = TABLE_PATH) -> None:
@@ -519,6 +528,7 @@ def write_table(results: dict[Case, dict], cache: ResultCache, path: Path = TABL
     by_kernel: dict[str, list] = {}
     for case in sorted(results, key=lambda c: c.key):
         row = {**case.to_json(), **{k: v for k, v in results[case].items() if k != "seconds"}}
+        del row["kernel"]  # the key the rows are listed under
         by_kernel.setdefault(case.kernel, []).append(row)
     lines = ["{", f'  "triton": {json.dumps(triton.__version__)},',
              f'  "shared_limits": {json.dumps({str(k): v for k, v in SHARED_LIMITS.items()})},', '  "kernels": {']
@@ -539,25 +549,48 @@ def update_table(results: dict[Case, dict], cache: ResultCache, path: Path = TAB
     write_table(merged, cache, path)
 
 
-def check(results: dict[Case, dict]) -> list[str]:
-    """Failures among compiled results: a config the autotuner may still pick (one not pruned for spills or
-    shared memory) with any problem, a case (kernel, target, dtype, size, flags) whose every config is pruned,
-    and any problem of a kernel with a single launch config."""
+def _findings(results: dict[Case, dict]) -> list[tuple[Case, str]]:
+    """(case, message) for each config the autotuner may still pick (one not pruned for spills or shared memory)
+    with a problem, each case (kernel, target, dtype, size, flags) whose every config is pruned, and each
+    problem of a kernel with a single launch config."""
     groups: dict[tuple, list[tuple[Case, dict]]] = {}
     for case, res in results.items():
         groups.setdefault(case.group_key, []).append((case, res))
-    failures = []
+    found = []
     for members in groups.values():
         case0 = members[0][0]
         tuned = KERNELS[case0.kernel].tiles is not None
         kept = [(c, r) for c, r in members if not (tuned and prunable(c, r))]
         if not kept:
-            failures.append(f"{case0.kernel} at {where(case0)}: every config is pruned ("
-                            + "; ".join(f"{config_label(dict(c.config))}: {', '.join(prunable(c, r))}"
-                                        for c, r in members) + ")")
-        failures += [f"{c.kernel} {config_label(dict(c.config))} at {where(c)}: {p}"
-                     for c, r in kept for p in problems(c, r)]
-    return sorted(failures)
+            found.append((case0, f"{case0.kernel} at {where(case0)}: every config is pruned ("
+                          + "; ".join(f"{config_label(dict(c.config))}: {', '.join(prunable(c, r))}"
+                                      for c, r in members) + ")"))
+        found += [(c, f"{c.kernel} {config_label(dict(c.config))} at {where(c)}: {p}")
+                  for c, r in kept for p in problems(c, r)]
+    return sorted(found, key=lambda f: f[1])
+
+
+def known_problem(case: Case) -> str | None:
+    """Why `case` is in KNOWN_PROBLEMS, or None."""
+    return next((why for (kernel, size), why in KNOWN_PROBLEMS.items()
+                 if case.kernel == kernel and case.size >= size), None)
+
+
+def check(results: dict[Case, dict]) -> list[str]:
+    """Failures among compiled results (see _findings), except the KNOWN_PROBLEMS; and a KNOWN_PROBLEMS entry
+    whose cases were compiled without a problem (it is fixed: remove the entry)."""
+    found = _findings(results)
+    failures = [msg for case, msg in found if not known_problem(case)]
+    for (kernel, size), _why in KNOWN_PROBLEMS.items():
+        compiled = [c for c in results if c.kernel == kernel and c.size >= size]
+        if compiled and not any(c.kernel == kernel and c.size >= size for c, _ in found):
+            failures.append(f"KNOWN_PROBLEMS lists {kernel} at size >= {size}, which now compiles clean: remove it")
+    return failures
+
+
+def known_failures(results: dict[Case, dict]) -> list[str]:
+    """The findings KNOWN_PROBLEMS accepts, each with the reason."""
+    return [f"{msg} (known: {known_problem(case)})" for case, msg in _findings(results) if known_problem(case)]
 
 
 def prune_index(table: dict) -> dict[tuple, dict[tuple, str]]:
